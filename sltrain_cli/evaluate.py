@@ -1,0 +1,89 @@
+"""Validation loss and perplexity.
+
+Perplexity = exp(total next-token loss over all non-pad target tokens / their count). This is the exact
+corpus perplexity. The reference scripts (GaLore's, reused by SLTrain) average per-batch mean losses and
+divide by N+1 batches, which reads slightly low; we do not.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import re
+from pathlib import Path
+from typing import Callable, Iterable, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def evaluate_ppl(model: torch.nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
+                 device: torch.device | str = "cpu",
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict:
+    """Sum the loss over every non-pad target token of ``batches`` (all ranks when distributed).
+
+    Returns {"loss": mean loss per token, "ppl": exp(loss), "tokens": number of target tokens}.
+    """
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, token count)
+    for input_ids, labels in batches:
+        input_ids, labels = input_ids.to(device), labels.to(device)
+        with autocast():
+            logits = model(input_ids).logits
+        target = labels[:, 1:].reshape(-1)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), target,
+                               ignore_index=-100, reduction="sum")
+        total[0] += loss.double()
+        total[1] += (target != -100).sum()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+    model.train(was_training)
+    tokens = int(total[1].item())
+    mean = total[0].item() / max(tokens, 1)
+    return {"loss": mean, "ppl": math.exp(min(mean, 700.0)), "tokens": tokens}
+
+
+def evaluate_run(run: Path | str, overrides: Sequence[str] = ()) -> dict:
+    """`sltrain eval-ppl`: load a run's checkpoint and tokenizer, evaluate on the configured corpus
+    (the run's own unless overrides say otherwise) and write RUN_DIR/eval/<data>.json."""
+    from . import data as data_lib
+    from .checkpoint import load_model_weights, resolve_checkpoint, run_dir_of, write_json
+    from .compose import from_container, load_config
+    from .configs import UserError
+    from .distributed import resolve_device
+    from .train import autocast_for, build_model
+
+    try:
+        ckpt = resolve_checkpoint(run)
+    except FileNotFoundError as err:
+        raise UserError(f"RUN: {err}") from None
+    run_dir = run_dir_of(ckpt)
+    saved = (run_dir / "overrides.txt").read_text().split() if (run_dir / "overrides.txt").is_file() else []
+    eval_cfg = load_config([*saved, *overrides])  # the run's data settings unless overridden
+    stored = from_container(_stored_config(ckpt))
+    tokenizer = data_lib.load_tokenizer(run_dir / "tokenizer")
+    device = resolve_device(eval_cfg.train.device)
+    model_cfg = dataclasses.replace(stored.model, vocab_size=tokenizer.vocab_size)
+    model = build_model(model_cfg, stored.method, stored.seed, torch.device("cpu"), stored.train.precision)
+    load_model_weights(ckpt, model)
+    model.to(device)
+    _, val_set = data_lib.build_datasets(eval_cfg.data, tokenizer, rows_per_step=eval_cfg.train.total_batch_size)
+    batches = val_set.batches(eval_cfg.train.eval_tokens, eval_cfg.train.micro_batch_size)
+    result = evaluate_ppl(model, batches, device, autocast_for(stored.train.precision, device))
+    data_name = eval_cfg.data.name.value
+    if eval_cfg.data.path:
+        data_name += "_" + re.sub(r"[^A-Za-z0-9._-]", "_", Path(eval_cfg.data.path.split(",")[0]).stem)
+    out = {"data": data_name, "data_path": eval_cfg.data.path, "val_loss": result["loss"], "val_ppl": result["ppl"],
+           "tokens": result["tokens"], "checkpoint": str(ckpt)}
+    path = run_dir / "eval" / f"{data_name}.json"
+    write_json(path, out)
+    return {**out, "path": str(path)}
+
+
+def _stored_config(ckpt: Path) -> dict:
+    from .checkpoint import load_checkpoint
+
+    return load_checkpoint(ckpt / "extra.pt" if ckpt.is_dir() else ckpt)["config"]

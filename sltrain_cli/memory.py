@@ -1,0 +1,419 @@
+"""Memory of a training run: the paper's analytic estimate, a fuller analytic estimate, and a measurement.
+
+Estimates come from shapes only (no tensor is allocated, so 7B is instant). Two sets of figures:
+
+* **Paper convention** (SLTrain Appendix F; keys ``params_total, params_trainable, param_mem_gb,
+  optimizer_mem_gb, total_mem_gb``): parameter memory + Adam state, bf16 = 2 B per number, int64 index
+  = 8 B, 1G = 1e9 B, 2 moments per trainable number, no gradients, no activations. ReLoRA counts the
+  full model plus the low-rank model (embeddings twice); GaLore keeps, per target matrix (out x in), two
+  r x max(in, out) moments and the r x min(in, out) projection. These figures ignore ``optimizer``,
+  ``layerwise``, ``index_dtype`` and ``param_bytes`` on purpose: they are the paper's table.
+* **Fuller** (keys ``full_*``, ``activation_mem_gb``, ``workspace_mem_gb``): what a bf16-pure (or fp32,
+  ``param_bytes=4``) run holds at its peak -- parameters and index buffers in the chosen dtypes,
+  gradients, the real optimizer state (torch AdamW or bitsandbytes AdamW8bit layouts), activations
+  saved for backward and the transient dense matrices some layers build.
+
+``measure_memory`` builds the real model and optimizer and reports the measured peak;
+``memory_rows`` is what ``sltrain memory-estimate`` prints.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .configs import MethodConfig, MethodName, ModelConfig, UserError
+
+GB = 1e9
+METHODS_ALL = ("full", "lowrank", "relora", "galore", "sltrain", "sparse")  # what method="all" expands to
+
+# Default (rank, delta) per size. 60m..7b are the reference scripts' SLTrain recipe (PAPER.md); the
+# 9m/20m/35m/3b/tiny values are ours (the paper trains none of them): rank ~ hidden/4, delta 0.03.
+PAPER_RECIPE: Dict[str, Dict[str, float]] = {
+    "tiny": {"rank": 16, "delta": 0.03},
+    "9m": {"rank": 32, "delta": 0.03},
+    "20m": {"rank": 64, "delta": 0.03},
+    "35m": {"rank": 96, "delta": 0.03},
+    "60m": {"rank": 128, "delta": 0.03},
+    "130m": {"rank": 256, "delta": 0.03},
+    "350m": {"rank": 256, "delta": 0.03},
+    "1b": {"rank": 512, "delta": 0.03},
+    "3b": {"rank": 768, "delta": 0.03},
+    "7b": {"rank": 1024, "delta": 0.05},
+}
+
+# bitsandbytes 0.50 AdamW8bit (optim/optimizer.py, Optimizer2State.init_state): tensors with fewer than
+# min_8bit_size = 4096 entries keep two fp32 moments; larger ones keep two uint8 moments plus one fp32
+# absmax per 256-entry block per moment, and share two 256-entry fp32 quantization maps.
+BNB_BLOCK = 256
+BNB_MIN_8BIT_SIZE = 4096
+BNB_QMAP_BYTES = 2 * 256 * 4
+
+
+# ----------------------------------------------------------------------------------------------- configs
+def _conf_dir() -> Path:
+    env = os.environ.get("SLTRAIN_CONF_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
+
+
+def _short(name: str) -> str:
+    return name[len("llama_"):] if name.startswith("llama_") else name
+
+
+def load_model_config(size: str) -> ModelConfig:
+    """ModelConfig from conf/model/<name>.yaml; ``size`` may be '60m', '60M', 'llama_60m' or 'tiny'."""
+    model_dir = _conf_dir() / "model"
+    names = sorted(p.stem for p in model_dir.glob("*.yaml"))
+    key = str(size).strip().lower()
+    match = next((n for n in names if n.lower() in (key, f"llama_{key}")), None)
+    if match is None:
+        shorts = sorted({_short(n) for n in names}, key=_size_order)
+        choices = ", ".join(shorts) if shorts else f"(no model configs found in {model_dir})"
+        raise UserError(f"--size: unknown model {size!r}; choose from {choices}")
+    from omegaconf import OmegaConf  # YAML reading only; kept local so importing memory stays light
+
+    raw = OmegaConf.to_container(OmegaConf.load(model_dir / f"{match}.yaml"), resolve=True) or {}
+    allowed = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(k for k in raw if k not in allowed and k != "defaults")
+    if unknown:
+        raise UserError(f"conf/model/{match}.yaml: unknown keys {unknown}; allowed: {', '.join(sorted(allowed))}")
+    return ModelConfig(**{k: v for k, v in raw.items() if k in allowed})
+
+
+def _size_order(short: str):
+    """Sort '9m' < '60m' < '1b' < '7b' < anything else (alphabetically)."""
+    unit = {"k": 1e3, "m": 1e6, "b": 1e9}.get(short[-1:].lower())
+    try:
+        return (0, float(short[:-1]) * unit, short) if unit else (1, 0.0, short)
+    except ValueError:
+        return (1, 0.0, short)
+
+
+# ------------------------------------------------------------------------------------------- inventory
+@dataclass
+class _Tensor:
+    """One parameter or index buffer of the converted model, by shape only."""
+
+    name: str
+    numel: int
+    kind: str  # dense | lowrank | sparse_values | indices | frozen
+    trainable: bool
+    galore_shape: Optional[tuple] = None  # (out, in) of a GaLore-projected matrix
+
+
+def _targets(cfg: ModelConfig) -> List[tuple]:
+    """(name, out, in) of the q,k,v,o,gate,up,down weights of one decoder block."""
+    d, m = cfg.hidden_size, cfg.intermediate_size
+    return [("q", d, d), ("k", d, d), ("v", d, d), ("o", d, d), ("gate", m, d), ("up", m, d), ("down", d, m)]
+
+
+def _inventory(cfg: ModelConfig, method: str, rank: int, delta: float, vocab: int,
+               target_modules=None) -> List[_Tensor]:
+    """Every tensor a converted LlamaForCausalLM holds (parameters + sparse index buffers)."""
+    d = cfg.hidden_size
+    targets = set(target_modules or [t[0] for t in _targets(cfg)])
+    out = [_Tensor("embed", vocab * d, "dense", True)]
+    for i in range(cfg.num_layers):
+        out += [_Tensor(f"layers.{i}.attn_norm", d, "dense", True), _Tensor(f"layers.{i}.mlp_norm", d, "dense", True)]
+        for name, n_out, n_in in _targets(cfg):
+            pre = f"layers.{i}.{name}"
+            if name not in targets or method == "full":
+                out.append(_Tensor(pre, n_out * n_in, "dense", True))
+            elif method == "galore":
+                out.append(_Tensor(pre, n_out * n_in, "dense", True, galore_shape=(n_out, n_in)))
+            else:
+                if method == "relora":
+                    out.append(_Tensor(pre + ".W0", n_out * n_in, "frozen", False))
+                if method in ("lowrank", "relora", "sltrain") and rank > 0:
+                    out += [_Tensor(pre + ".A", rank * n_in, "lowrank", True),
+                            _Tensor(pre + ".B", n_out * rank, "lowrank", True)]
+                if method in ("sltrain", "sparse"):
+                    nnz = int(delta * n_in * n_out)
+                    out += [_Tensor(pre + ".values", nnz, "sparse_values", True),
+                            _Tensor(pre + ".indices", nnz, "indices", False)]
+    out += [_Tensor("norm", d, "dense", True), _Tensor("lm_head", vocab * d, "dense", True)]
+    return out
+
+
+def _check_method(cfg: ModelConfig, method: str, rank: int, delta: float) -> None:
+    allowed = [m.value for m in MethodName]
+    if method not in allowed:
+        raise UserError(f"--method: unknown method {method!r}; choose from {', '.join(allowed)}, all")
+    if method in ("lowrank", "relora", "galore", "sltrain") and rank < 0:
+        raise UserError(f"--rank: must be >= 0, got {rank}")
+    if method in ("lowrank", "relora", "galore") and rank < 1:
+        raise UserError(f"--rank: must be >= 1 for method={method}, got {rank}")
+    if not 0.0 <= delta <= 1.0:
+        raise UserError(f"--delta: must be in [0, 1], got {delta}")
+    small = min(cfg.hidden_size, cfg.intermediate_size)
+    if method in ("lowrank", "relora", "galore", "sltrain") and rank > small:
+        raise UserError(f"--rank: {rank} exceeds the smallest layer dimension {small} of {cfg.name}")
+
+
+# --------------------------------------------------------------------------------------------- estimate
+def _adam8bit_bytes(numel: int) -> int:
+    """Bytes of bitsandbytes AdamW8bit state for one tensor (two moments; qmaps counted once elsewhere)."""
+    if numel < BNB_MIN_8BIT_SIZE:
+        return 2 * numel * 4
+    return 2 * (numel + 4 * math.ceil(numel / BNB_BLOCK))
+
+
+def _activation_bytes(cfg: ModelConfig, tokens: int, seq_len: int, act_bytes: int, vocab: int,
+                      checkpointing: bool) -> int:
+    """Activations saved for backward, for ``tokens = batch x seq_len`` tokens (flash-style attention).
+
+    Per decoder block and token, in the activation dtype: RMSNorm inputs and outputs (2 x 2d), the
+    rotated q and k and v kept by attention (3d), the attention output (d, also o's input), and in the
+    SwiGLU MLP gate, silu(gate), up and their product (4m): ``8d + 4m`` numbers, plus fp32 RMSNorm
+    inverse-rms (2) and attention log-sum-exp (one per head). No S x S attention matrix: torch SDPA
+    uses a flash / memory-efficient kernel on CUDA and a flash kernel on CPU.
+    Head: final RMSNorm (2d), bf16 logits (V, held by the output object), the fp32 log-softmax kept by
+    cross-entropy (4V B) and its fp32 input copy, alive at the loss (4V B).
+    With activation checkpointing each block keeps only its input (d) and one block's full set is
+    rebuilt at a time during backward.
+    """
+    d, m, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    block = tokens * ((8 * d + 4 * m) * act_bytes + 4 * (2 + cfg.num_heads))
+    layers = L * tokens * d * act_bytes + block if checkpointing else L * block
+    head = tokens * (2 * d * act_bytes + vocab * act_bytes + 8 * vocab)
+    return layers + head
+
+
+def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = None,
+                    delta: Optional[float] = None, *, vocab_size: Optional[int] = None,
+                    optimizer: str = "adam", layerwise: bool = False, index_dtype: str = "int64",
+                    batch_size: int = 1, seq_len: int = 256, activation_checkpointing: bool = False,
+                    param_bytes: int = 2, target_modules=None) -> dict:
+    """Analytic memory of training ``model_cfg`` with ``method``; see the module docstring.
+
+    ``param_bytes``: 2 = bf16-pure (the paper), 4 = fp32. Parameters, gradients, torch-Adam moments,
+    GaLore projections and activations use it. ``optimizer``: 'adam' (torch AdamW: moments in the
+    parameter dtype) or 'adam8bit' (bitsandbytes AdamW8bit layout). ``layerwise``: the optimizer steps
+    each parameter inside backward, so gradients are never all alive; we count the largest single
+    trainable parameter's gradient. GaLore under adam8bit quantizes its projected moments the same way.
+    """
+    method = getattr(method, "value", method)
+    index_dtype = getattr(index_dtype, "value", index_dtype)
+    size = _short(model_cfg.name)
+    recipe = PAPER_RECIPE.get(size, PAPER_RECIPE["60m"])
+    rank = int(recipe["rank"] if rank is None else rank)
+    delta = float(recipe["delta"] if delta is None else delta)
+    if method == "sparse":
+        rank = 0
+    _check_method(model_cfg, method, rank, delta)
+    if optimizer not in ("adam", "adam8bit"):
+        raise UserError(f"--optimizer: must be adam or adam8bit, got {optimizer!r}")
+    if index_dtype not in ("int64", "int32"):
+        raise UserError(f"--index-dtype: must be int64 or int32, got {index_dtype!r}")
+    if param_bytes not in (2, 4):
+        raise UserError(f"param_bytes: must be 2 (bf16) or 4 (fp32), got {param_bytes}")
+    vocab = int(vocab_size or model_cfg.vocab_size)
+    inv = _inventory(model_cfg, method, rank, delta, vocab, target_modules)
+
+    params = [t for t in inv if t.kind != "indices"]
+    trainable = [t for t in params if t.trainable]
+    n_params = sum(t.numel for t in params)
+    n_train = sum(t.numel for t in trainable)
+    n_index = sum(t.numel for t in inv if t.kind == "indices")
+
+    # ---- paper convention (fixed: bf16, int64 indices, 2 moments, no grads/activations)
+    if method == "relora":  # full model + low-rank model, moments over the low-rank model
+        lr_inv = _inventory(model_cfg, "lowrank", rank, delta, vocab, target_modules)
+        full_total = sum(t.numel for t in _inventory(model_cfg, "full", rank, delta, vocab))
+        paper_total, paper_train = full_total + sum(t.numel for t in lr_inv), sum(t.numel for t in lr_inv)
+    else:
+        paper_total, paper_train = n_params, n_train
+    if method == "galore":
+        moments = sum(2 * rank * max(t.galore_shape) + rank * min(t.galore_shape) if t.galore_shape
+                      else 2 * t.numel for t in trainable)
+    else:
+        moments = 2 * paper_train
+    paper_param_b = 2 * paper_total + 8 * n_index
+    paper_opt_b = 2 * moments
+
+    # ---- fuller figures
+    index_bytes = 8 if index_dtype == "int64" else 4
+    full_param_b = param_bytes * n_params + index_bytes * n_index
+    if layerwise:
+        full_grad_b = param_bytes * max((t.numel for t in trainable), default=0)
+    else:
+        full_grad_b = param_bytes * n_train
+    # Optimizer state as core/optim.py builds it: torch AdamW keeps its moments in the parameter dtype
+    # and a 4-byte fp32 `step` tensor per parameter; GaLoreAdamW (every parameter under method=galore)
+    # keeps moments in the gradient dtype, the projector in the weight dtype and an int step; bitsandbytes
+    # shares its two quantization maps within one optimizer -- one per parameter under layer-wise updates.
+    full_opt_b = 0
+    n_8bit = 0
+    for t in trainable:
+        if t.galore_shape:
+            state_numel = rank * max(t.galore_shape)
+            full_opt_b += param_bytes * rank * min(t.galore_shape)  # the projection, in the weight dtype
+        else:
+            state_numel = t.numel
+        if optimizer == "adam":
+            full_opt_b += 2 * param_bytes * state_numel + (0 if method == "galore" else 4)
+        else:
+            full_opt_b += _adam8bit_bytes(state_numel)
+            n_8bit += state_numel >= BNB_MIN_8BIT_SIZE
+    full_opt_b += BNB_QMAP_BYTES * (n_8bit if layerwise else min(n_8bit, 1))
+    act_b = _activation_bytes(model_cfg, batch_size * seq_len, seq_len, param_bytes, vocab,
+                              activation_checkpointing)
+    # Transient dense matrices: SLTrain/sparse layers build W = (alpha/r)BA + S in forward and both W and
+    # the weight gradient G^T x in backward (one layer at a time) -> 2 x the largest target matrix.
+    biggest = max(o * i for _, o, i in _targets(model_cfg))
+    work_b = 2 * biggest * param_bytes if method in ("sltrain", "sparse") else 0
+
+    return {
+        "method": method, "size": size, "rank": None if method == "full" else rank,
+        "delta": delta if method in ("sltrain", "sparse") else None,
+        "params_total": paper_total, "params_trainable": paper_train,
+        "param_mem_gb": paper_param_b / GB, "optimizer_mem_gb": paper_opt_b / GB,
+        "total_mem_gb": (paper_param_b + paper_opt_b) / GB,
+        "model_params_total": n_params, "model_params_trainable": n_train, "index_entries": n_index,
+        "optimizer": optimizer, "layerwise": layerwise, "index_dtype": index_dtype,
+        "param_bytes": param_bytes, "batch_size": batch_size, "seq_len": seq_len,
+        "activation_checkpointing": activation_checkpointing,
+        "full_param_mem_gb": full_param_b / GB, "full_grad_mem_gb": full_grad_b / GB,
+        "full_optimizer_mem_gb": full_opt_b / GB, "full_optimizer_bytes": full_opt_b,
+        "activation_mem_gb": act_b / GB, "workspace_mem_gb": work_b / GB,
+        "full_total_gb": (full_param_b + full_grad_b + full_opt_b + act_b + work_b) / GB,
+    }
+
+
+# ------------------------------------------------------------------------------------------ measurement
+def _cpu_peak_bytes(prof, marker: str) -> int:
+    """Peak of torch-allocated CPU bytes from the profiler's allocation events, over the marked region.
+
+    The running sum of allocation (+) and free (-) events since the profiler started counts every tensor
+    made after that point (model, optimizer state, batches); its maximum inside ``marker`` is the peak
+    while training, like CUDA's max_memory_allocated after a reset.
+    """
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    start = min(e["ts"] for e in events if e.get("name") == marker)
+    mem = sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0),
+                 key=lambda e: e["ts"])
+    running, peak = 0, 0
+    for e in mem:
+        running += int(e["args"]["Bytes"])
+        if e["ts"] >= start:
+            peak = max(peak, running)
+    return peak
+
+
+def measure_memory(model_cfg: ModelConfig, method_cfg: MethodConfig, *, optimizer: str = "adam",
+                   layerwise: bool = False, batch_size: int = 1, seq_len: Optional[int] = None, steps: int = 3,
+                   device: str = "cpu", precision: str = "bf16-pure", activation_checkpointing: bool = False,
+                   seed: int = 0) -> dict:
+    """Train the real model ``steps`` steps on random token ids and report the peak memory it used.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after a peak reset once the model is built (measure_kind
+    'cuda_max_allocated'). CPU: the peak of live torch allocations during the steps, from torch.profiler's
+    allocation events (measure_kind 'cpu_profiler_alloc_peak'); the model is built inside the profiled
+    region so its tensors count. Neither includes the CUDA context / allocator cache or Python objects.
+    """
+    import torch
+
+    from .configs import OptimConfig
+    from .core.convert import apply_method
+    from .core.model import LlamaForCausalLM
+    from .core.optim import LayerwiseOptimizer, build_optimizer
+
+    if precision not in ("bf16-pure", "fp32"):
+        raise UserError(f"--precision: must be bf16-pure or fp32, got {precision!r}")
+    if optimizer not in ("adam", "adam8bit"):
+        raise UserError(f"--optimizer: must be adam or adam8bit, got {optimizer!r}")
+    seq_len = int(seq_len or min(256, model_cfg.max_seq_len))
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if precision == "bf16-pure" else torch.float32
+    optim_cfg = OptimConfig(name="adamw8bit" if optimizer == "adam8bit" else "adamw", grad_clip=0.0)
+    marker = "sltrain.measure_memory.steps"
+
+    def run() -> None:
+        torch.manual_seed(seed)
+        model = apply_method(LlamaForCausalLM(model_cfg), method_cfg).to(device=dev, dtype=dtype)
+        _set_checkpointing(model, activation_checkpointing)
+        if layerwise:  # steps each parameter from a hook inside backward and frees its gradient
+            opt = LayerwiseOptimizer(model, optim_cfg, method_cfg)
+        else:
+            opt = build_optimizer(model, optim_cfg, method_cfg)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        batches = [torch.randint(0, model_cfg.vocab_size, (batch_size, seq_len), generator=gen).to(dev)
+                   for _ in range(steps)]
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+        with torch.profiler.record_function(marker):
+            for ids in batches:
+                model(ids, labels=ids).loss.backward()
+                if not layerwise:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    if dev.type == "cuda":
+        run()
+        peak, kind = torch.cuda.max_memory_allocated(dev), "cuda_max_allocated"
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            run()
+        peak, kind = _cpu_peak_bytes(prof, marker), "cpu_profiler_alloc_peak"
+    return {"peak_bytes": int(peak), "measured_gb": peak / GB, "measure_kind": kind, "device": str(dev),
+            "precision": precision, "steps": steps, "batch_size": batch_size, "seq_len": seq_len}
+
+
+def _set_checkpointing(model, enabled: bool) -> None:
+    if not enabled:
+        return
+    if hasattr(model, "set_activation_checkpointing"):
+        model.set_activation_checkpointing(True)
+    elif hasattr(model, "activation_checkpointing"):
+        model.activation_checkpointing = True
+    else:
+        raise UserError("--activation-checkpointing: this model does not support it")
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+def memory_rows(size: str, method: str = "all", rank: Optional[int] = None, delta: Optional[float] = None,
+                optimizer: str = "adam", layerwise: bool = False, index_dtype: str = "int64",
+                batch_size: int = 1, seq_len: int = 256, activation_checkpointing: bool = False,
+                measure: bool = False, device: str = "cpu") -> List[dict]:
+    """One estimate row per method (``method='all'``: full, lowrank, relora, galore, sltrain, sparse).
+
+    rank / delta default to PAPER_RECIPE[size]. With ``measure`` each row also gets ``measured_gb`` (a few
+    bf16-pure training steps of the real model on ``device``), ``measure_kind`` and ``ratio`` =
+    measured / full_total_gb.
+    """
+    cfg = load_model_config(size)
+    short = _short(cfg.name)
+    recipe = PAPER_RECIPE.get(short) or PAPER_RECIPE.get(_short(str(size).lower()), PAPER_RECIPE["60m"])
+    rank = int(recipe["rank"] if rank is None else rank)
+    delta = float(recipe["delta"] if delta is None else delta)
+    methods = list(METHODS_ALL) if method == "all" else [method]
+    rows = []
+    for m in methods:
+        row = estimate_memory(cfg, m, rank, delta, optimizer=optimizer, layerwise=layerwise,
+                              index_dtype=index_dtype, batch_size=batch_size, seq_len=seq_len,
+                              activation_checkpointing=activation_checkpointing)
+        row["size"] = short
+        if measure:
+            mcfg = MethodConfig(name=m, rank=row["rank"] or (0 if m == "sparse" else rank), delta=delta,
+                                index_dtype=index_dtype)
+            meas = measure_memory(cfg, mcfg, optimizer=optimizer, layerwise=layerwise, batch_size=batch_size,
+                                  seq_len=seq_len, device=device, precision="bf16-pure",
+                                  activation_checkpointing=activation_checkpointing)
+            row.update(measured_gb=meas["measured_gb"], measure_kind=meas["measure_kind"],
+                       ratio=meas["measured_gb"] / row["full_total_gb"])
+        rows.append(row)
+    return rows

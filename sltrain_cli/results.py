@@ -1,0 +1,178 @@
+"""Results tables (pandas -> CSV / Markdown / rich) and plots (matplotlib, headless PNG).
+
+Every table a command produces goes through ``write_table`` (atomic CSV + Markdown side by side) and
+``print_table``; per-command result rows accumulate with ``upsert_row``.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from .checkpoint import atomic_write
+
+# Columns shown when a pretrain summary is printed as a row (full summaries stay in summary.json).
+SUMMARY_COLUMNS = ["run", "model", "method", "rank", "delta", "params_total", "params_trainable", "tokens",
+                   "val_ppl", "tokens_per_s", "peak_mem_bytes", "est_mem_gb", "status"]
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
+            return f"{value:.3e}"
+        return f"{value:.4g}" if abs(value) < 100 else f"{value:,.1f}"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10000:
+        return f"{value:,}"
+    return "-" if value is None else str(value)
+
+
+def to_frame(rows: Iterable[Mapping] | pd.DataFrame, columns: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    if columns:
+        df = df[[c for c in columns if c in df.columns]]
+    return df
+
+
+def write_table(rows: Iterable[Mapping] | pd.DataFrame, stem: Path | str,
+                columns: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """Write ``stem.csv`` and ``stem.md`` atomically; return the DataFrame."""
+    df = to_frame(rows, columns)
+    stem = Path(stem)
+    atomic_write(stem.with_suffix(".csv"), df.to_csv(index=False))
+    atomic_write(stem.with_suffix(".md"), markdown(df) + "\n")
+    return df
+
+
+def markdown(df: pd.DataFrame) -> str:
+    head = "| " + " | ".join(map(str, df.columns)) + " |"
+    sep = "|" + "|".join("---" for _ in df.columns) + "|"
+    body = ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, sep, *body])
+
+
+def print_table(rows: Iterable[Mapping] | pd.DataFrame, title: str = "",
+                columns: Optional[Sequence[str]] = None, console: Optional[Console] = None) -> None:
+    df = to_frame(rows, columns)
+    table = Table(title=title or None, show_lines=False)
+    for col in df.columns:
+        table.add_column(str(col), overflow="fold")
+    for row in df.itertuples(index=False):
+        table.add_row(*(_fmt(v) for v in row))
+    (console or Console()).print(table)
+
+
+def upsert_row(csv_path: Path | str, row: Mapping, key: str = "run") -> pd.DataFrame:
+    """Add ``row`` to the CSV table, replacing an earlier row with the same ``key`` (a rerun)."""
+    csv_path = Path(csv_path)
+    new = pd.DataFrame([dict(row)])
+    if csv_path.is_file():
+        old = pd.read_csv(csv_path)
+        if key in old.columns:
+            old = old[old[key].astype(str) != str(row.get(key))]
+        new = pd.concat([old, new], ignore_index=True)
+    return write_table(new, csv_path.with_suffix(""))
+
+
+def plot_lines(series: Dict[str, Tuple[Sequence[float], Sequence[float]]], path: Path | str, *,
+               xlabel: str, ylabel: str, title: str = "", logx: bool = False, logy: bool = False,
+               marker: str = "") -> Path:
+    """One PNG with a line per labelled (x, y) series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for label, (x, y) in series.items():
+        ax.plot(list(x), list(y), marker=marker, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) > 1 or any(series):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_scatter(points: List[Tuple[float, float, str]], path: Path | str, *, xlabel: str, ylabel: str,
+                 title: str = "", logx: bool = False) -> Path:
+    """One PNG of labelled points (x, y, label)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for x, y, label in points:
+        ax.scatter([x], [y])
+        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logx:
+        ax.set_xscale("log")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+class TrainProgress:
+    """A rich progress bar for the training loop (loss, ppl, lr, tokens/s); silent when disabled."""
+
+    def __init__(self, total: int, completed: int = 0, enabled: bool = True, description: str = "train"):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("{task.fields[stats]}"), TimeRemainingColumn())
+        self._task = self._progress.add_task(description, total=total, completed=completed, stats="")
+
+    def __enter__(self):
+        if self.enabled:
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._progress.__exit__(*exc)
+
+    def update(self, completed: int, loss: Optional[float] = None, lr: Optional[float] = None,
+               tps: Optional[float] = None) -> None:
+        if not self.enabled:
+            return
+        fields = {}
+        if loss is not None:
+            ppl = math.exp(min(loss, 50.0))
+            fields["stats"] = f"loss {loss:.3f}  ppl {ppl:,.1f}  lr {lr:.2e}  {tps:,.0f} tok/s"
+        self._progress.update(self._task, completed=completed, **fields)
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self._progress.console.print(text)
