@@ -109,6 +109,9 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
     if tcfg.layerwise and rt.world_size > 1:
         raise UserError("train.layerwise: not supported with several processes (each rank would step before "
                         "the gradients are all-reduced); run on one process or set train.layerwise=false")
+    if fsdp and mcfg.name == MethodName.galore:
+        raise UserError("train.parallel: fsdp does not support method=galore (its SVD needs whole gradients); "
+                        "use train.parallel=ddp")
 
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -130,6 +133,7 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
         tokenizer.save(run_dir / "tokenizer")
     unigram = data_lib.unigram_perplexity(train_stream, val_set)
     val_batches = val_set.batches(tcfg.eval_tokens, tcfg.micro_batch_size, rank=rt.rank, world_size=rt.world_size)
+    val_batches = distributed.equalize_batches(val_batches, rt)
 
     model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
     model = build_model(model_cfg, mcfg, cfg.seed, device, tcfg.precision, mcfg.warm_start)
@@ -198,8 +202,10 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
                 else:
                     optimizer.step_scheduler()
                 if mcfg.name == MethodName.relora and (step + 1) % mcfg.merge_every == 0 and step + 1 < tcfg.steps:
-                    adapters = relora.merge_all(model)
-                    relora.reset_optimizer_state(optimizer, adapters, mcfg.reset, mcfg.reset_ratio)
+                    # the same generator on every rank: re-initialised adapters and pruning masks agree
+                    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+                    adapters = relora.merge_all(model, generator=gen)
+                    relora.reset_optimizer_state(optimizer, adapters, mcfg.reset, mcfg.reset_ratio, generator=gen)
                 train_time += time.perf_counter() - t0
                 tokens_seen += tokens_per_step
                 done = step + 1

@@ -188,3 +188,24 @@ def test_jagged_schedule_shape():
 def test_jagged_schedule_without_rewarm_is_cosine():
     for s in range(0, 300, 7):
         assert relora_lr_factor(s, 300, 30, 0.1, 50, 0) == pytest.approx(lr_factor(s, 300, 30, 0.1, "cosine"))
+
+
+def test_merge_and_reset_through_layerwise_optimizer():
+    from sltrain_cli.configs import MethodConfig, OptimConfig
+    from sltrain_cli.core.optim import LayerwiseOptimizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(ReLoRALinear(8, 12, 2, 4.0), nn.Tanh(), ReLoRALinear(12, 4, 2, 4.0))
+    lw = LayerwiseOptimizer(model, OptimConfig(grad_clip=0.0, lr=1e-2), MethodConfig(name="relora", rank=2),
+                            total_steps=10)
+    assert len(lw.params) == 4  # A, B of each layer; W0 frozen
+    x = torch.randn(5, 8)
+    for _ in range(2):
+        model(x).square().mean().backward()
+        lw.step_scheduler()
+    y = model(x).detach()
+    pairs = merge_all(model)
+    assert reset_optimizer_state(lw, pairs, "zero", 0.9) == 4
+    assert all(torch.count_nonzero(st["exp_avg"]) == 0 for st in lw.state.values())
+    torch.testing.assert_close(model(x).detach(), y, rtol=1e-5, atol=1e-5)
+    lw.remove()

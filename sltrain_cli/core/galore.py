@@ -12,7 +12,7 @@ Adam runs on R (moments of shape R), and the weight moves by the back-projected,
     N = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
     W = W * (1 - lr * wd) - lr * scale * back(N)               (decoupled weight decay, as torch AdamW)
 
-P is recomputed from the current gradient (SVD in fp32) every ``update_proj_gap`` steps, at step 0 too; the
+P is recomputed from the current gradient (SVD in fp32 for half-precision gradients) every ``update_proj_gap`` steps, at step 0 too; the
 moments are carried across a refresh as in the GaLore reference. Optimizer memory per target matrix is
 2 r max(out, in) moment numbers + r min(out, in) projector numbers instead of 2 out in.
 
@@ -47,7 +47,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """Top-`rank` singular vectors of `grad` on its smaller side: (out, r) if out <= in else (in, r)."""
         out_f, in_f = grad.shape
         r = min(rank, out_f, in_f)
-        U, _, Vh = torch.linalg.svd(grad.float(), full_matrices=False)
+        work = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()  # no bf16 SVD
+        U, _, Vh = torch.linalg.svd(work, full_matrices=False)
         P = U[:, :r] if out_f <= in_f else Vh[:r].T
         return P.to(grad.dtype).contiguous()
 

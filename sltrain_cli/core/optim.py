@@ -225,8 +225,12 @@ class LayerwiseOptimizer:
         self.last_step += 1
         self.set_lr_factor(self._schedule(self.last_step))
 
+    def current_lr(self) -> float:
+        """The lr the next update will use (every parameter shares it)."""
+        return self.optimizers[0].param_groups[0]["lr"]
+
     def get_last_lr(self) -> List[float]:
-        return [self.optimizers[0].param_groups[0]["lr"]]
+        return [self.current_lr()]
 
     @property
     def param_groups(self) -> List[dict]:

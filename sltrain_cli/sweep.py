@@ -1,0 +1,301 @@
+"""`sltrain sweep`: a grid of pretrain trials, one fresh process each, resumable, aggregated into one table.
+
+    sltrain sweep model=llama_20m rank=64,128 delta=0.01,0.03,0.1 steps=500
+
+Comma lists on any key (aliases included) make the cartesian product of trials. Every trial is validated
+(``load_config``) before the first one starts, so a bad value anywhere fails at once (exit 2) and leaves no
+folder behind. Each trial then runs as
+
+    python -m sltrain_cli pretrain <trial overrides> out_dir=<sweep dir> run_name=<trial> --quiet
+
+in its own process (memory, RNG and torch state cannot leak from one trial into the next). A trial whose
+``summary.json`` says ``completed`` for the same overrides is skipped, so an interrupted sweep is resumed by
+running the same command again. A failing trial is recorded (status ``failed``, the last line of its stderr
+as ``error``) and the sweep carries on.
+
+Layout of ``<out_dir>/sweep/<name>/`` (name: derived from the grid, or ``--name``):
+``sweep.json`` (the grid), ``pretrain/<trial>/`` (ordinary run folders), ``logs/<trial>.log`` (stdout and
+stderr of each trial), ``results.csv`` / ``results.md`` (one row per trial), ``ppl_vs_params.png`` and
+``ppl_vs_memory.png``.
+
+``ablate-support`` runs its trained variants through the same ``run_trials``.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from rich.console import Console
+
+from .checkpoint import read_json, write_json
+from .compose import ALIASES, expand_grid, load_config, run_name
+from .configs import ConfigError
+
+# Keys a sweep sets itself for every trial.
+RESERVED = ("run_name", "timestamp")
+# Columns of results.csv after the swept keys.
+RESULT_COLUMNS = ["params_total", "params_trainable", "val_ppl", "tokens", "tokens_per_s", "peak_mem_gb",
+                  "est_mem_gb", "status", "error"]
+
+
+@dataclass
+class Trial:
+    """One pretrain run of a sweep or an ablation."""
+
+    name: str  # folder name under <root>/pretrain/
+    overrides: List[str]  # the user's overrides for this trial (no out_dir / run_name)
+    swept: Dict[str, Any] = field(default_factory=dict)  # swept key -> value, for the table
+
+    def argv(self, root: Path) -> List[str]:
+        """The pretrain overrides, with the sweep's folder and the trial's name (quoted for Hydra's grammar:
+        names hold '=' and ',')."""
+        return [*self.overrides, f"out_dir={quote(str(root))}", f"run_name={quote(self.name)}"]
+
+    def run_dir(self, root: Path) -> Path:
+        return Path(root) / "pretrain" / self.name
+
+
+@dataclass
+class TrialResult:
+    trial: Trial
+    status: str  # completed | failed | interrupted
+    summary: Optional[dict]
+    error: Optional[str] = None
+    skipped: bool = False
+    seconds: float = 0.0
+
+
+def quote(value: str) -> str:
+    """A Hydra-quoted override value (paths and trial names may hold '=' and ',')."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _key(override: str) -> str:
+    key = override.split("=", 1)[0].strip().lstrip("+~")
+    return ALIASES.get(key, key)
+
+
+def _value(text: str) -> Any:
+    """'64' -> 64, '0.03' -> 0.03, anything else stays a string (only for tables and plots)."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def drop_keys(overrides: Sequence[str], keys: Sequence[str]) -> List[str]:
+    """The overrides without those setting any of ``keys`` (aliases resolved: 'steps' matches 'train.steps')."""
+    canonical = {ALIASES.get(k, k) for k in keys}
+    return [o for o in overrides if _key(o) not in canonical]
+
+
+def find_override(overrides: Sequence[str], key: str) -> Optional[str]:
+    """The value the overrides give ``key`` (last one wins), or None."""
+    found = None
+    for o in overrides:
+        if "=" in o and _key(o) == ALIASES.get(key, key):
+            found = o.split("=", 1)[1]
+    return found
+
+
+# ----------------------------------------------------------------------------------------- planning
+def plan_trials(overrides: Sequence[str]) -> tuple[List[Trial], List[str]]:
+    """Expand the grid; return the trials and the swept keys (as the user wrote them, in order)."""
+    for o in overrides:
+        if "=" in o and _key(o) in RESERVED:
+            raise ConfigError(_key(o), "is set by the sweep for every trial; name the sweep with --name")
+        if "=" in o and _key(o) == "out_dir" and len(expand_grid([o])) > 1:
+            raise ConfigError("out_dir", "cannot be swept (it is the root of the sweep folder)")
+    user = drop_keys(overrides, ["out_dir"])
+    swept_idx = [i for i, o in enumerate(user) if len(expand_grid([o])) > 1]
+    swept_keys = [user[i].split("=", 1)[0].strip().lstrip("+~") for i in swept_idx]
+    trials, seen = [], set()
+    for combo in expand_grid(user):
+        swept_ovs = [combo[i] for i in swept_idx]
+        name = run_name(swept_ovs) if swept_ovs else "base"
+        if name in seen:  # rank=64,64 -> one trial
+            continue
+        seen.add(name)
+        swept = {k: _value(o.split("=", 1)[1]) for k, o in zip(swept_keys, swept_ovs)}
+        trials.append(Trial(name=name, overrides=list(combo), swept=swept))
+    return trials, swept_keys
+
+
+def sweep_name(overrides: Sequence[str]) -> str:
+    """Deterministic folder name from the grid: ['rank=64,128', 'model=tiny'] -> 'rank=64+128,model=tiny'."""
+    parts = []
+    for o in drop_keys(overrides, ["out_dir", *RESERVED]):
+        key, value = o.split("=", 1)
+        parts.append(f"{key}={value.replace(',', '+')}")
+    return run_name(parts)
+
+
+def out_root(overrides: Sequence[str]) -> Path:
+    """out_dir=... from the overrides, else the config's default ('outputs')."""
+    value = find_override(overrides, "out_dir")
+    if value is not None:
+        return Path(value.strip().strip("'\""))
+    return Path(load_config([o for o in overrides if len(expand_grid([o])) == 1]).out_dir)
+
+
+def validate_trials(trials: Sequence[Trial], root: Path) -> None:
+    """Compose and check every trial's config; the first bad one raises ConfigError (nothing has run yet)."""
+    for trial in trials:
+        try:
+            load_config(trial.argv(root))
+        except ConfigError as err:
+            if len(trials) > 1:
+                raise ConfigError(err.key, f"{str(err).split(': ', 1)[-1]} (trial {trial.name})") from None
+            raise
+
+
+# ----------------------------------------------------------------------------------------- running
+def completed_summary(trial: Trial, root: Path) -> Optional[dict]:
+    """The trial's summary when it already completed with these same overrides, else None."""
+    run_dir = trial.run_dir(root)
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = read_json(path)
+        saved = (run_dir / "overrides.txt").read_text().split("\n")
+    except (OSError, ValueError):
+        return None
+    if summary.get("status") != "completed" or [s for s in saved if s] != trial.argv(root):
+        return None
+    return summary
+
+
+def run_trial(trial: Trial, root: Path) -> TrialResult:
+    """Run one trial as a fresh `python -m sltrain_cli pretrain` process; its output goes to logs/<trial>.log."""
+    root = Path(root)
+    log = root / "logs" / f"{trial.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "sltrain_cli", "pretrain", *trial.argv(root), "--quiet"]
+    t0 = time.perf_counter()
+    with log.open("w") as out:
+        out.write(" ".join(cmd) + "\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
+        try:
+            _, err = proc.communicate()
+        except KeyboardInterrupt:  # the child got the same Ctrl-C: give it time to save and write its summary
+            try:
+                proc.wait(timeout=60)
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                proc.kill()
+            raise
+        out.write("--- stderr ---\n" + (err or ""))
+    seconds = time.perf_counter() - t0
+    summary_path = trial.run_dir(root) / "summary.json"
+    summary = read_json(summary_path) if summary_path.is_file() else None
+    if summary is not None and summary.get("run") != trial.name:
+        summary = None  # not this run's (should not happen: the folder is the trial's own)
+    lines = [line.strip() for line in (err or "").splitlines() if line.strip()]
+    if proc.returncode == 0 and summary is not None and summary.get("status") == "completed":
+        return TrialResult(trial, "completed", summary, seconds=seconds)
+    status = "interrupted" if (summary or {}).get("status") == "interrupted" else "failed"
+    error = lines[-1] if lines else (f"exit code {proc.returncode}" if proc.returncode else "no completed summary.json")
+    return TrialResult(trial, status, summary, error=error, seconds=seconds)
+
+
+def run_trials(trials: Sequence[Trial], root: Path, console: Optional[Console] = None,
+               label: str = "trial") -> List[TrialResult]:
+    """Run (or skip, when already completed) every trial in order, printing one progress line per trial."""
+    console = console or Console()
+    results = []
+    for i, trial in enumerate(trials, 1):
+        head = f"{label} {i}/{len(trials)}: {trial.name}"
+        done = completed_summary(trial, root)
+        if done is not None:
+            results.append(TrialResult(trial, "completed", done, skipped=True))
+            console.print(f"{head} ... skipped (completed earlier, ppl {_ppl(done)})", highlight=False)
+            continue
+        console.print(f"{head} ...", highlight=False)
+        result = run_trial(trial, root)
+        results.append(result)
+        if result.status == "completed":
+            console.print(f"{head} ... completed ppl {_ppl(result.summary)} ({result.seconds:.0f} s)",
+                          highlight=False)
+        else:
+            console.print(f"{head} ... [red]{result.status}[/red] ({result.seconds:.0f} s): {result.error}",
+                          highlight=False)
+    return results
+
+
+def _ppl(summary: Optional[dict]) -> str:
+    ppl = (summary or {}).get("val_ppl")
+    return "-" if ppl is None else f"{ppl:.1f}"
+
+
+# ----------------------------------------------------------------------------------------- aggregation
+def result_row(result: TrialResult, swept_keys: Sequence[str] = ()) -> dict:
+    s = result.summary or {}
+    peak = s.get("peak_mem_bytes")
+    row = {"trial": result.trial.name, **{k: result.trial.swept.get(k) for k in swept_keys}}
+    row.update({"params_total": s.get("params_total"), "params_trainable": s.get("params_trainable"),
+                "val_ppl": s.get("val_ppl"), "tokens": s.get("tokens"), "tokens_per_s": s.get("tokens_per_s"),
+                "peak_mem_gb": round(peak / 1e9, 4) if peak else None, "est_mem_gb": s.get("est_mem_gb"),
+                "status": result.status, "error": result.error})
+    return row
+
+
+def plot_sweep(rows: Sequence[dict], folder: Path) -> List[Path]:
+    """ppl_vs_params.png and ppl_vs_memory.png from the completed rows (labelled by trial)."""
+    from .results import plot_scatter
+
+    done = [r for r in rows if r["status"] == "completed" and r["val_ppl"] is not None]
+    paths = []
+    for x_key, xlabel, stem in (("params_total", "parameters", "ppl_vs_params"),
+                                ("est_mem_gb", "estimated memory (GB, params + Adam, bf16)", "ppl_vs_memory")):
+        points = [(float(r[x_key]), float(r["val_ppl"]), r["trial"]) for r in done if r[x_key] is not None]
+        paths.append(plot_scatter(points, folder / f"{stem}.png", xlabel=xlabel, ylabel="validation perplexity",
+                                  title=f"sweep {folder.name}" if points else "no completed trials"))
+    return paths
+
+
+def run_sweep(overrides: Sequence[str], dry_run: bool = False, name: Optional[str] = None,
+              console: Optional[Console] = None) -> List[dict]:
+    """Plan, validate, run (skipping finished trials), aggregate and plot; return the result rows."""
+    from .results import print_table, write_table
+
+    console = console or Console()
+    overrides = list(overrides)
+    trials, swept_keys = plan_trials(overrides)
+    if name is not None and (not name or "/" in name or name in (".", "..")):
+        raise ConfigError("--name", f"must be a plain folder name, got {name!r}")
+    folder = out_root(overrides) / "sweep" / (name or sweep_name(overrides))
+    validate_trials(trials, folder)  # everything checked before anything runs or is created
+    if dry_run:
+        print_table([{"#": i, "trial": t.name, "overrides": " ".join(t.overrides),
+                      "state": "completed" if completed_summary(t, folder) else "to run"}
+                     for i, t in enumerate(trials, 1)],
+                    title=f"sweep {folder} ({len(trials)} trials, dry run)", console=console)
+        return []
+    write_json(folder / "sweep.json", {"overrides": overrides, "swept": swept_keys,
+                                       "trials": [{"name": t.name, "overrides": t.overrides} for t in trials]})
+    console.print(f"sweep {folder}: {len(trials)} trials", highlight=False)
+    results: List[TrialResult] = []
+    try:
+        results = run_trials(trials, folder, console)
+    finally:  # an interrupted sweep still leaves the table of what finished
+        if not results:
+            results = [TrialResult(t, "completed", s, skipped=True) for t in trials
+                       if (s := completed_summary(t, folder)) is not None]
+        rows = [result_row(r, swept_keys) for r in results]
+        if rows:
+            write_table(rows, folder / "results", columns=["trial", *swept_keys, *RESULT_COLUMNS])
+            plot_sweep(rows, folder)
+    show = ["trial", *swept_keys, *RESULT_COLUMNS[:-1]]
+    print_table(rows, title=f"sweep {folder}", columns=show, console=console)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "failed", "interrupted")}
+    skipped = sum(r.skipped for r in results)
+    console.print(f"{counts['completed']} completed ({skipped} skipped as already done), {counts['failed']} failed"
+                  f" -> {folder / 'results.csv'}, {folder / 'ppl_vs_params.png'}", highlight=False)
+    return rows

@@ -1,0 +1,325 @@
+"""data.py: corpora, split, packing, caches, rank sharding, resume, validation batches, tokenizers."""
+import gzip
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sltrain_cli import data as D
+from sltrain_cli.configs import DataConfig, TokenizerConfig, UserError
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
+SMALL = dict(max_docs=12, seq_len=32)  # the first 12 speeches: ~35k tokens with a 512 BPE
+
+
+@pytest.fixture(scope="module")
+def tok(cache_dir):
+    return D.build_tokenizer(DataConfig(**SMALL), TokenizerConfig(vocab_size=512, cache_dir=str(cache_dir)))
+
+
+def _build(tok, rows=6, rank=0, world=1, **kw):
+    return D.build_datasets(DataConfig(**{**SMALL, **kw}), tok, rows_per_step=rows, rank=rank, world_size=world)
+
+
+def _local_files(root: Path) -> Path:
+    """A directory with every supported format: 3 .txt documents, .jsonl, .jsonl.gz, .parquet rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (root / "txt").mkdir(parents=True)
+    for i in range(3):
+        (root / "txt" / f"d{i}.txt").write_text(f"text document {i}.\nSecond line.\n\n" + "plain words " * 40)
+    with open(root / "a.jsonl", "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"body": f"json row {i} " + "some json words " * 30, "n": i}) + "\n")
+    with gzip.open(root / "b.jsonl.gz", "wt") as f:
+        for i in range(4):
+            f.write(json.dumps({"body": f"gzip row {i} " + "zipped words " * 30}) + "\n")
+    pq.write_table(pa.table({"body": [f"parquet row {i} " + "columnar words " * 30 for i in range(4)]}),
+                   root / "c.parquet")
+    return root
+
+
+def test_sotu_split_deterministic_and_disjoint():
+    train, val = D.load_documents(DataConfig())
+    assert (train, val) == D.load_documents(DataConfig())
+    assert len(train) + len(val) == 249 and len(val) == round(249 * 0.05)
+    assert not set(train) & set(val)
+    _, val_other = D.load_documents(DataConfig(split_seed=1))
+    assert val_other != val
+    train12, val12 = D.load_documents(DataConfig(max_docs=12))
+    assert len(train12) + len(val12) == 12 and len(val12) == 1
+
+
+def test_packing_rows_and_eos(tok):
+    train, val = _build(tok, rows=4)
+    x, y = train.next_batch()
+    assert x.shape == y.shape == (4, 32) and x.dtype == torch.long and torch.equal(x, y)
+    docs, _ = D.load_documents(DataConfig(**SMALL))
+    flat = train.ids.flatten()
+    eos_at = (flat == tok.eos_id).nonzero().flatten()
+    assert train.num_docs == len(docs) and len(docs) - 1 <= eos_at.numel() <= len(docs)
+    assert tok.decode(flat[: eos_at[0]]) == docs[0]  # document, EOS, next document
+    assert tok.decode(flat[eos_at[0] + 1: eos_at[1]]) == docs[1]
+    assert train.num_tokens == train.num_rows * 32 and val.num_rows >= 1 and val.num_docs == 1
+
+
+def test_unpacked_rows_pad_and_mask(tok):
+    train, _ = _build(tok, rows=8, packing=False)
+    x, y = train.next_batch()
+    assert x.shape == (8, 32)
+    for row, lab in zip(x, y):
+        end = int((row == tok.eos_id).nonzero()[0])  # each document ends with EOS, then pad
+        assert torch.equal(lab[: end + 1], row[: end + 1]) and (lab[end + 1:] == -100).all()
+        assert (row[end + 1:] == tok.pad_id).all()
+
+
+def test_local_formats(tmp_path):
+    root = _local_files(tmp_path)
+    txt = sum(D.load_documents(DataConfig(name="local", path=str(root / "txt"))), [])
+    assert sorted(txt) == sorted((root / "txt" / f"d{i}.txt").read_text() for i in range(3))
+    rows = sum(D.load_documents(DataConfig(name="local", path=f"{root}/a.jsonl, {root}/b.jsonl.gz",
+                                           text_field="body")), [])
+    assert len(rows) == 8 and any(r.startswith("gzip row 3") for r in rows)
+    pq = sum(D.load_documents(DataConfig(name="local", path=str(root / "*.parquet"), text_field="body")), [])
+    assert sorted(r.split(" words")[0] for r in pq) == [f"parquet row {i} columnar" for i in range(4)]
+    every = sum(D.load_documents(DataConfig(name="local", path=str(root), text_field="body")), [])
+    assert len(every) == 3 + 8 + 4
+    with pytest.raises(UserError, match="data.text_field"):
+        D.load_documents(DataConfig(name="local", path=str(root / "a.jsonl"), text_field="nope"))
+
+
+@pytest.mark.parametrize("spec", ["missing", "emptydir", "bad.csv", "*.nothing"])
+def test_local_missing_path_names_key(tmp_path, spec):
+    (tmp_path / "emptydir").mkdir()
+    (tmp_path / "bad.csv").write_text("a,b\n")
+    with pytest.raises(UserError, match=r"^data\.path: "):
+        D.build_tokenizer(DataConfig(name="local", path=str(tmp_path / spec)), TokenizerConfig(cache_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_local_streaming(tmp_path, packing):
+    root = _local_files(tmp_path / "corpus")
+    cfg = DataConfig(name="local", path=str(root), text_field="body", streaming=True, seq_len=16, packing=packing,
+                     val_fraction=0.3)
+    tk = D.build_tokenizer(cfg, TokenizerConfig(vocab_size=300, cache_dir=str(tmp_path / "cache")))
+    train, val = D.build_datasets(cfg, tk, rows_per_step=4)
+    batches = [train.next_batch() for _ in range(12)]  # > one epoch: the stream restarts reshuffled
+    assert all(x.shape == (4, 16) for x, _ in batches) and train.state_dict()["epoch"] >= 1
+    for x, y in batches:
+        assert torch.equal(torch.where(y == -100, x, y), x)
+        assert packing == bool((y != -100).all())
+    train2, _ = D.build_datasets(cfg, tk, rows_per_step=4)
+    [train2.next_batch() for _ in range(5)]
+    state = train2.state_dict()
+    resumed, _ = D.build_datasets(cfg, tk, rows_per_step=4)
+    resumed.load_state_dict(state)
+    for want in batches[5:]:
+        assert all(torch.equal(a, b) for a, b in zip(resumed.next_batch(), want))
+    first = val.batches(100, 2)
+    assert all(torch.equal(a, b) for p, q in zip(first, val.batches(100, 2)) for a, b in zip(p, q))
+    r0, r1 = (D.build_datasets(cfg, tk, rows_per_step=4, rank=r, world_size=2)[0] for r in (0, 1))
+    assert r0.next_batch()[0].shape == r1.next_batch()[0].shape == (2, 16)
+
+
+def test_c4_offline_is_one_fast_line(monkeypatch, tok):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = DataConfig(name="c4", packing=False)
+    for call in (lambda: D.build_tokenizer(cfg, TokenizerConfig()),
+                 lambda: D.build_datasets(cfg, tok, rows_per_step=4)):
+        start = time.monotonic()
+        with pytest.raises(UserError) as err:
+            call()
+        assert time.monotonic() - start < 10  # a behaviour bound: no hang on an unreachable hub
+        msg = str(err.value)
+        assert "\n" not in msg and "data=sotu" in msg and "data=local" in msg
+
+
+def test_c4_unreachable_endpoint_fails_fast(monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused at once
+    start = time.monotonic()
+    with pytest.raises(UserError, match="data=sotu"):
+        D.build_tokenizer(DataConfig(name="c4"), TokenizerConfig())
+    assert time.monotonic() - start < 10
+
+
+def test_t5_without_path_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # no cached t5-base to fall back on
+    with pytest.raises(UserError, match="tokenizer.path=") as err:
+        D.build_tokenizer(DataConfig(**SMALL), TokenizerConfig(kind="t5"))
+    assert "tokenizer.kind=bpe" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UserError, match="^tokenizer.path: "):
+        D.build_tokenizer(DataConfig(**SMALL), TokenizerConfig(kind="pretrained"))
+
+
+def test_bpe_and_token_caches_are_reused(tmp_path, monkeypatch):
+    cfg, tcfg = DataConfig(max_docs=4, seq_len=64), TokenizerConfig(vocab_size=300, cache_dir=str(tmp_path))
+    first = D.build_tokenizer(cfg, tcfg)
+    x1, _ = D.build_datasets(cfg, first, rows_per_step=2)[0].next_batch()
+    cached = list((tmp_path / "tokenizers").glob("bpe-*.json")) + list((tmp_path / "tokens").glob("*.pt"))
+    assert len(cached) == 2 and not list(tmp_path.rglob("*.tmp"))
+
+    def boom(*args, **kwargs):
+        raise AssertionError("recomputed although cached")
+
+    monkeypatch.setattr(D, "_train_bpe", boom)
+    monkeypatch.setattr(D.Tokenizer, "encode_batch", boom)
+    second = D.build_tokenizer(cfg, tcfg)
+    x2, _ = D.build_datasets(cfg, second, rows_per_step=2)[0].next_batch()
+    assert second.fingerprint == first.fingerprint and torch.equal(x1, x2)
+    # another vocabulary or split is another cache entry
+    with pytest.raises(AssertionError, match="recomputed"):
+        D.build_tokenizer(DataConfig(max_docs=4, split_seed=3), tcfg)
+
+
+def _synthetic(rows, world=1, rank=0, n=10):
+    ids = torch.arange(n)[:, None].repeat(1, 3)
+    return D.TrainStream(ids, ids, rows_per_step=rows, rank=rank, world_size=world, seed=0, name="syn",
+                         num_docs=n, vocab_size=n)
+
+
+def test_order_covers_each_epoch_and_shards_by_rank():
+    one = _synthetic(4)
+    seen = torch.cat([one.next_batch()[0][:, 0] for _ in range(15)])  # 60 rows = 6 epochs of 10
+    for e in range(6):
+        assert sorted(seen[e * 10:(e + 1) * 10].tolist()) == list(range(10))
+    assert not torch.equal(seen[:10], seen[10:20])  # a fresh order each epoch
+    ranks = [_synthetic(4, world=2, rank=r) for r in (0, 1)]
+    again = _synthetic(4)
+    for _ in range(15):
+        assert torch.equal(torch.cat([r.next_batch()[0] for r in ranks]), again.next_batch()[0])
+
+
+def test_rank_sharding_real_corpus(tok):
+    one, _ = _build(tok, rows=6)
+    two = [_build(tok, rows=6, rank=r, world=2)[0] for r in (0, 1)]
+    for _ in range(5):
+        x, y = one.next_batch()
+        parts = [t.next_batch() for t in two]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+
+
+def test_resume_gives_the_same_batches(tok):
+    ref = _synthetic(4, n=7)
+    want = [ref.next_batch()[0] for _ in range(9)]
+    run = _synthetic(4, n=7)
+    [run.next_batch() for _ in range(4)]
+    state = run.state_dict()
+    assert set(state) == {"epoch", "pos", "num_rows"} and all(isinstance(v, int) for v in state.values())
+    fresh = _synthetic(4, n=7)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(fresh.next_batch()[0], w) for w in want[4:])
+    ranks = [_synthetic(4, n=7, world=2, rank=r) for r in (0, 1)]  # resume on 2 processes: same global batches
+    for r in ranks:
+        r.load_state_dict(state)
+    assert all(torch.equal(torch.cat([r.next_batch()[0] for r in ranks]), w) for w in want[4:])
+
+    real, _ = _build(tok)
+    want = [real.next_batch() for _ in range(6)]
+    real2, _ = _build(tok)
+    [real2.next_batch() for _ in range(2)]
+    resumed, _ = _build(tok)
+    resumed.load_state_dict(real2.state_dict())
+    assert all(torch.equal(a, b) for w in want[2:] for a, b in zip(resumed.next_batch(), w))
+    with pytest.raises(UserError, match="resume"):
+        _build(tok, seq_len=16)[0].load_state_dict(real2.state_dict())
+
+
+def test_validation_batches_are_fixed_and_split_by_rank(tok):
+    _, val = _build(tok)
+    a, b = val.batches(1000, 4), val.batches(1000, 4)
+    assert len(a) == len(b) and all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b))
+    rows = torch.cat([x for x, _ in a])
+    assert rows.size(0) * 32 >= 1000 > (rows.size(0) - 1) * 32  # the shortest prefix covering the budget
+    assert torch.equal(rows, val._ids[: rows.size(0)])
+    r0, r1 = val.batches(1000, 4, 0, 2), val.batches(1000, 4, 1, 2)
+    assert len(r0) == len(r1) == math.ceil(len(a) / 2)
+    assert all(torch.equal(x, a[2 * i][0]) for i, (x, _) in enumerate(r0))
+    assert all(torch.equal(x, a[2 * i + 1][0]) for i, (x, _) in enumerate(r1[: len(a) // 2]))
+    if len(a) % 2:  # rank 1 is one short: it runs a masked copy so collective forwards stay in step
+        assert (r1[-1][1] == -100).all()
+    assert sum(int((y != -100).sum()) for y in [q for _, q in r0 + r1]) == sum(int((y != -100).sum()) for _, y in a)
+
+
+def test_unigram_perplexity(tok):
+    train, val = _build(tok)
+    ppl = D.unigram_perplexity(train, val)
+    assert math.isfinite(ppl) and 1 < ppl < tok.vocab_size
+    assert D.unigram_perplexity(train.sample_tokens(), val, vocab_size=tok.vocab_size) == pytest.approx(ppl)
+    assert D.unigram_perplexity(train, val, max_tokens=64) > 1
+
+
+def test_bpe_save_load_round_trip(tok, tmp_path):
+    text = "Fellow-Citizens of the Senate:\n\n  I embrace, with great satisfaction — 1790."
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and tok.encode_batch([text, "x"])[0] == ids
+    tok.save(tmp_path / "tok")
+    back = D.load_tokenizer(tmp_path / "tok")
+    assert (back.encode(text), back.vocab_size, back.eos_id, back.pad_id) == (ids, tok.vocab_size, 1, 0)
+    assert back.fingerprint == tok.fingerprint and max(ids) < back.vocab_size
+
+
+@pytest.fixture(scope="module")
+def spiece(tmp_path_factory):
+    import sentencepiece as spm
+
+    docs, _ = D.load_documents(DataConfig(max_docs=3))
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(docs), model_writer=model, vocab_size=300,
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
+                                   max_sentence_length=1 << 20)
+    path = tmp_path_factory.mktemp("spm") / "spiece.model"
+    path.write_bytes(model.getvalue())
+    return path, spm.SentencePieceProcessor(model_file=str(path))
+
+
+SENTENCE = "I embrace with great satisfaction the opportunity which now presents itself."
+
+
+@pytest.mark.parametrize("kind", ["t5", "pretrained"])
+def test_sentencepiece_model_path(spiece, tmp_path, kind):
+    path, sp = spiece
+    tk = D.build_tokenizer(DataConfig(**SMALL), TokenizerConfig(kind=kind, path=str(path)))
+    assert tk.backend == "sentencepiece" and (tk.eos_id, tk.pad_id, tk.vocab_size) == (1, 0, 300)
+    assert tk.encode(SENTENCE) == sp.encode(SENTENCE) and tk.decode(tk.encode(SENTENCE)) == SENTENCE
+    tk.save(tmp_path / "t")
+    assert D.load_tokenizer(tmp_path / "t").encode(SENTENCE) == sp.encode(SENTENCE)
+    train, _ = D.build_datasets(DataConfig(**SMALL), tk, rows_per_step=2, cache_dir=tmp_path)
+    assert int(train.ids.max()) < 300
+
+
+def test_transformers_tokenizer_dir(spiece, tmp_path):
+    path, sp = spiece
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "spiece.model").write_bytes(path.read_bytes())
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0}))
+    tk = D.build_tokenizer(DataConfig(**SMALL), TokenizerConfig(kind="pretrained", path=str(hf_dir)))
+    assert tk.backend == "transformers" and tk.encode(SENTENCE) == sp.encode(SENTENCE)  # the ids are right
+    assert (tk.eos_id, tk.pad_id, tk.vocab_size) == (1, 0, 300) and tk.decode(tk.encode(SENTENCE)) == SENTENCE
+    tk.save(tmp_path / "saved")
+    back = D.load_tokenizer(tmp_path / "saved")
+    assert back.encode_batch([SENTENCE]) == [sp.encode(SENTENCE)] and back.fingerprint == tk.fingerprint
+
+
+def test_shipped_data_configs():
+    files = sorted(CONF.glob("*.yaml"))
+    assert {f.stem for f in files} >= {"sotu", "local", "c4"}
+    for f in files:
+        values = yaml.safe_load(f.read_text())
+        if f.stem == "local":
+            with pytest.raises(UserError, match="data.path"):
+                DataConfig(**values)
+            values["path"] = "corpus/"
+        cfg = DataConfig(**values)
+        assert cfg.name.value == f.stem
+    c4 = DataConfig(**yaml.safe_load((CONF / "c4.yaml").read_text()))
+    assert (c4.packing, c4.seq_len, c4.seed, c4.streaming) == (False, 256, 42, True)

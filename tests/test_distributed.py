@@ -1,0 +1,106 @@
+"""DDP and FSDP2 through torchrun on CPU (gloo, 2 processes): same numbers as one process, exact resume."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from sltrain_cli.checkpoint import LATEST, load_checkpoint, load_model_weights
+from sltrain_cli.compose import load_config
+
+
+def _run(out, nproc, *extra, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [*tiny_overrides(out, "train.num_threads=1", "train.total_batch_size=4", "train.micro_batch_size=2"),
+            *extra]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "sltrain_cli", "pretrain", "--quiet", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "sltrain_cli", "pretrain", "--quiet", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows]
+
+
+def _close(a, b, tol=1e-5):
+    assert len(a) == len(b)
+    for (sa, la, va), (sb, lb, vb) in zip(a, b):
+        assert sa == sb
+        for x, y in ((la, lb), (va, vb)):
+            assert (x is None) == (y is None) and (x is None or abs(x - y) <= tol), (a, b)
+
+
+def _final_weights(run_dir, overrides):
+    from sltrain_cli import data as data_lib
+    from sltrain_cli.train import build_model
+    import dataclasses
+
+    cfg = load_config(overrides)
+    tok = data_lib.load_tokenizer(Path(run_dir) / "tokenizer")
+    model = build_model(dataclasses.replace(cfg.model, vocab_size=tok.vocab_size), cfg.method, cfg.seed,
+                        torch.device("cpu"))
+    ckpt = Path(run_dir) / "checkpoints"
+    load_model_weights(ckpt / (ckpt / LATEST).read_text().strip(), model)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("method", ["sltrain", "full"])
+def test_ddp_two_processes_match_one(tmp_path, cache_dir, method):
+    _run(tmp_path, 1, f"method={method}", "rank=8", "run_name=one")
+    _run(tmp_path, 2, f"method={method}", "rank=8", "run_name=two")
+    one, two = tmp_path / "pretrain" / "one", tmp_path / "pretrain" / "two"
+    _close(_losses(one), _losses(two))
+    a = load_checkpoint(one / "checkpoints" / "step_000008.pt")["model"]
+    b = load_checkpoint(two / "checkpoints" / "step_000008.pt")["model"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5, rtol=0), k
+    assert json.loads((two / "summary.json").read_text())["world_size"] == 2
+
+
+def test_ddp_resume_continues_identically(tmp_path, cache_dir):
+    _run(tmp_path, 2, "rank=8", "run_name=full")
+    full = tmp_path / "pretrain" / "full"
+    part = tmp_path / "pretrain" / "part"
+    shutil.copytree(full, part)
+    (part / "checkpoints" / "step_000008.pt").unlink()
+    (part / "checkpoints" / LATEST).write_text("step_000004.pt\n")
+    _run(tmp_path, 2, "rank=8", "run_name=part", "train.resume=true")
+    _close(_losses(full), _losses(part), tol=0.0)
+
+
+def test_bad_global_batch_is_a_clear_error(tmp_path, cache_dir):
+    proc = _run(tmp_path, 2, "train.total_batch_size=6", "train.micro_batch_size=2", "run_name=bad", check=False)
+    assert proc.returncode != 0
+    assert "train.total_batch_size" in proc.stderr
+
+
+def test_fsdp_matches_one_process_and_resumes(tmp_path, cache_dir):
+    ov = ["rank=8", "train.parallel=fsdp"]
+    _run(tmp_path, 1, "rank=8", "run_name=one")
+    _run(tmp_path, 2, *ov, "run_name=fsdp")
+    one, fsdp = tmp_path / "pretrain" / "one", tmp_path / "pretrain" / "fsdp"
+    _close(_losses(one), _losses(fsdp), tol=1e-4)
+    assert (fsdp / "checkpoints" / "step_000008").is_dir()  # sharded (torch.distributed.checkpoint)
+    base = tiny_overrides(tmp_path, "rank=8")
+    a, b = _final_weights(one, base), _final_weights(fsdp, base)
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-4), k
+    # resume from the sharded step-4 checkpoint
+    part = tmp_path / "pretrain" / "fsdp_part"
+    shutil.copytree(fsdp, part)
+    shutil.rmtree(part / "checkpoints" / "step_000008")
+    (part / "checkpoints" / LATEST).write_text("step_000004\n")
+    _run(tmp_path, 2, *ov, "run_name=fsdp_part", "train.resume=true")
+    _close(_losses(fsdp), _losses(part), tol=1e-6)

@@ -1,0 +1,99 @@
+"""`sltrain sweep`: grid expansion, validation before anything runs, one process per trial, skip finished
+trials, failed trials recorded, one aggregated table and two plots."""
+import io
+import json
+
+import pandas as pd
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from sltrain_cli.cli import app
+from sltrain_cli.configs import ConfigError
+from sltrain_cli.sweep import plan_trials, run_sweep, sweep_name
+
+from conftest import tiny_overrides
+
+
+def _console():
+    buf = io.StringIO()
+    return Console(file=buf, width=200, force_terminal=False), buf
+
+
+def test_grid_expansion_aliases_and_names():
+    trials, swept = plan_trials(["model=tiny", "rank=64,128", "delta=0.01,0.03,0.1", "lr=1e-3", "out_dir=/tmp/o"])
+    assert swept == ["rank", "delta"]
+    assert len(trials) == 6
+    assert [t.name for t in trials[:2]] == ["rank=64,delta=0.01", "rank=64,delta=0.03"]
+    assert trials[0].swept == {"rank": 64, "delta": 0.01}
+    assert trials[-1].overrides == ["model=tiny", "rank=128", "delta=0.1", "lr=1e-3"]  # out_dir is the sweep's
+    # names hold '=' and ',': quoted for Hydra's grammar
+    assert trials[0].argv("/tmp/s")[-2:] == ["out_dir='/tmp/s'", "run_name='rank=64,delta=0.01'"]
+    # a group can be swept too, and a repeated value is one trial
+    trials, swept = plan_trials(["method=sltrain,lowrank", "rank=8,8"])
+    assert swept == ["method", "rank"] and [t.name for t in trials] == ["method=sltrain,rank=8", "method=lowrank,rank=8"]
+    # deterministic sweep name from the grid, without out_dir
+    assert sweep_name(["rank=64,128", "model=tiny", "out_dir=x"]) == "rank=64+128,model=tiny"
+    with pytest.raises(ConfigError, match="run_name"):
+        plan_trials(["rank=1,2", "run_name=x"])
+
+
+def test_bad_value_rejected_before_any_trial(tmp_path, cache_dir):
+    # delta=1.5 only in the last trial: still nothing runs and no folder is created
+    overrides = tiny_overrides(tmp_path, "rank=4,8", "delta=0.05,1.5")
+    with pytest.raises(ConfigError, match="method.delta"):
+        run_sweep(overrides, console=_console()[0])
+    assert not (tmp_path / "sweep").exists()
+    result = CliRunner().invoke(app, ["sweep", *overrides])
+    assert result.exit_code == 2
+    assert "method.delta" in result.output and not (tmp_path / "sweep").exists()
+    result = CliRunner().invoke(app, ["sweep", *tiny_overrides(tmp_path, "model=nope,tiny")])
+    assert result.exit_code == 2 and not (tmp_path / "sweep").exists()
+
+
+def test_dry_run_lists_trials(tmp_path, cache_dir):
+    console, buf = _console()
+    assert run_sweep(tiny_overrides(tmp_path, "rank=4,8", "delta=0.05,0.1"), dry_run=True, console=console) == []
+    text = buf.getvalue()
+    assert "4 trials" in text and "rank=8,delta=0.1" in text and "to run" in text
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_runs_skips_and_records_failures(tmp_path, cache_dir):
+    grid = ["rank=4,8", "delta=0.05,0.1", "steps=2"]
+    console, buf = _console()
+    rows = run_sweep(tiny_overrides(tmp_path, *grid), name="grid", console=console)
+    folder = tmp_path / "sweep" / "grid"
+    assert [r["status"] for r in rows] == ["completed"] * 4, buf.getvalue()
+    df = pd.read_csv(folder / "results.csv")
+    assert len(df) == 4 and {"rank", "delta", "params_total", "params_trainable", "val_ppl", "tokens",
+                             "tokens_per_s", "peak_mem_gb", "est_mem_gb", "status"} <= set(df.columns)
+    assert sorted(zip(df["rank"], df["delta"])) == [(4, 0.05), (4, 0.1), (8, 0.05), (8, 0.1)]
+    assert (df["val_ppl"] > 1).all() and df["params_total"].nunique() == 4
+    assert (folder / "results.md").is_file()
+    assert (folder / "ppl_vs_params.png").stat().st_size > 0 and (folder / "ppl_vs_memory.png").stat().st_size > 0
+    assert "trial 4/4: rank=8,delta=0.1 ... completed ppl" in buf.getvalue()
+    summaries = sorted(folder.glob("pretrain/*/summary.json"))
+    assert len(summaries) == 4
+    for path in summaries:  # each trial ran in its own process, in its own folder
+        assert json.loads(path.read_text())["status"] == "completed"
+    mtimes = [p.stat().st_mtime_ns for p in summaries]
+
+    # rerun: nothing starts
+    console, buf = _console()
+    rows = run_sweep(tiny_overrides(tmp_path, *grid), name="grid", console=console)
+    assert buf.getvalue().count("skipped") == 4 and [r["status"] for r in rows] == ["completed"] * 4
+    assert [p.stat().st_mtime_ns for p in summaries] == mtimes
+
+    # extend the grid with an impossible rank: the old trials are skipped, the new ones fail and are recorded
+    console, buf = _console()
+    rows = run_sweep(tiny_overrides(tmp_path, "rank=4,100000", "delta=0.05,0.1", "steps=2"), name="grid",
+                     console=console)
+    status = {r["trial"]: r["status"] for r in rows}
+    assert status == {"rank=4,delta=0.05": "completed", "rank=4,delta=0.1": "completed",
+                      "rank=100000,delta=0.05": "failed", "rank=100000,delta=0.1": "failed"}
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert all("rank" in r["error"].lower() for r in failed), failed
+    df = pd.read_csv(folder / "results.csv")
+    assert list(df["status"]) == ["completed", "completed", "failed", "failed"]
+    assert (folder / "logs" / "rank=100000,delta=0.05.log").is_file()
