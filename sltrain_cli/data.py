@@ -26,6 +26,7 @@ import glob
 import hashlib
 import importlib.metadata
 import importlib.resources
+import inspect
 import itertools
 import json
 import math
@@ -33,6 +34,7 @@ import os
 import random
 import socket
 import tempfile
+import threading
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,7 @@ from .configs import ConfigError, DataConfig, DataName, TokenizerConfig, Tokeniz
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 PAD, EOS = "<pad>", "<eos>"  # the BPE's special tokens (ids 0 and 1, as in T5)
+C4_VAL_SEED = 42  # the GaLore harness shuffles the C4 validation split with seed 42 (train: data.seed, 42 in c4.yaml)
 C4_TRAIN_DOCS_FOR_BPE = 20000  # documents of the C4 train stream a BPE is trained on (tokenizer.kind=bpe)
 STREAM_SAMPLE_TOKENS = 1 << 20  # training tokens a unigram model of a stream is fitted on
 _FORMATS = ((".jsonl.gz", "json"), (".jsonl", "json"), (".parquet", "parquet"), (".txt", "text"))
@@ -84,11 +87,19 @@ def _hub_unreachable(timeout: float = 3.0) -> Optional[str]:
             return f"{var} is set"
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return None
-    except OSError as err:
-        return f"cannot connect to {host}:{port}: {err.strerror or type(err).__name__}"
+    result: List[Optional[str]] = [f"no answer from {host}:{port} within {timeout:g} s"]
+
+    def probe() -> None:  # in a thread: a DNS lookup ignores the socket timeout and can hang
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result[0] = None
+        except OSError as err:
+            result[0] = f"cannot connect to {host}:{port}: {err.strerror or type(err).__name__}"
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return result[0]
 
 
 def _require_c4() -> None:
@@ -121,10 +132,9 @@ class _Corpus:
             docs = (p.read_text(encoding="utf-8") for p in self.files)
         else:
             docs = (ex["text"] for ex in self._local_stream())
-        docs = [d for d in docs if d and d.strip()]
-        if self.cfg.max_docs is not None:
-            docs = docs[: self.cfg.max_docs]
-        return split_documents(docs, self.cfg.val_fraction, self.cfg.split_seed)
+        docs = list(itertools.islice((d for d in docs if d and d.strip()), self.cfg.max_docs))
+        key = "data.path" if self.cfg.name == DataName.local and self.cfg.max_docs is None else "data.max_docs"
+        return split_documents(docs, self.cfg.val_fraction, self.cfg.split_seed, key)
 
     def stream(self, split: str):
         """Streaming corpora: an IterableDataset with a "text" column (use ``keep`` to apply the local split)."""
@@ -167,12 +177,13 @@ class _Corpus:
         return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
-def split_documents(docs: List[str], val_fraction: float, seed: int) -> Tuple[List[str], List[str]]:
+def split_documents(docs: List[str], val_fraction: float, seed: int,
+                    key: str = "data.max_docs") -> Tuple[List[str], List[str]]:
     """Hold out round(n * val_fraction) documents (at least 1, at most n - 1) by a seeded permutation;
     both parts keep the corpus order."""
     n = len(docs)
     if n < 2:
-        raise ConfigError("data.max_docs", f"need at least 2 non-empty documents for a train/validation split, "
+        raise ConfigError(key, f"need at least 2 non-empty documents for a train/validation split, "
                                            f"found {n}")
     order = list(range(n))
     random.Random(seed).shuffle(order)
@@ -504,6 +515,15 @@ def _rows_to_batch(rows: Sequence[Tuple[List[int], int]]) -> Batch:
     return ids, torch.where(torch.arange(ids.size(1)) < real[:, None], ids, -100)
 
 
+def _shuffled(ds, seed: int, buffer_size: int):
+    kw = {}
+    if "max_buffer_input_shards" in inspect.signature(ds.shuffle).parameters:
+        # fill the buffer from one shard at a time (the classic behaviour): interleaving shards reads them
+        # on threads, and a parquet reader then sleeps 5 s at every shutdown (apache/arrow#45214)
+        kw["max_buffer_input_shards"] = 1
+    return ds.shuffle(seed=seed, buffer_size=buffer_size, **kw)
+
+
 def _epoch_seed(seed: int, epoch: int) -> int:
     return int(_digest(["order", seed, epoch]), 16) & (2**63 - 1)
 
@@ -576,7 +596,7 @@ class StreamingTrainStream:
     def _open(self, epoch: int, skip: int) -> Iterator[Tuple[List[int], int]]:
         from datasets.distributed import split_dataset_by_node
 
-        ds = self.corpus.stream("train").shuffle(seed=self.cfg.seed, buffer_size=self.cfg.shuffle_buffer)
+        ds = _shuffled(self.corpus.stream("train"), self.cfg.seed, self.cfg.shuffle_buffer)
         ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
         ds.set_epoch(epoch)
         texts = (t for t in (ex["text"] for ex in ds) if self.corpus.keep("train", t))
@@ -676,7 +696,10 @@ def build_datasets(data_cfg: DataConfig, tokenizer: Tokenizer, *, rows_per_step:
     if corpus.streaming:
         if data_cfg.name == DataName.c4:
             _require_c4()
-        val_texts = (t for t in (ex["text"] for ex in corpus.stream("validation")) if corpus.keep("validation", t))
+        val_ds = corpus.stream("validation")
+        if data_cfg.name == DataName.c4:  # the harness evaluates on the validation split shuffled with seed 42
+            val_ds = _shuffled(val_ds, C4_VAL_SEED, data_cfg.shuffle_buffer)
+        val_texts = (t for t in (ex["text"] for ex in val_ds) if corpus.keep("validation", t))
         val = ValSet(corpus.name, rows=_stream_rows(val_texts, tokenizer, data_cfg.seq_len, data_cfg.packing))
         return StreamingTrainStream(corpus, tokenizer, rows_per_step=rows_per_step, rank=rank,
                                     world_size=world_size), val

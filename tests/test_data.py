@@ -105,26 +105,27 @@ def test_local_missing_path_names_key(tmp_path, spec):
 @pytest.mark.parametrize("packing", [True, False])
 def test_local_streaming(tmp_path, packing):
     root = _local_files(tmp_path / "corpus")
-    cfg = DataConfig(name="local", path=str(root), text_field="body", streaming=True, seq_len=16, packing=packing,
-                     val_fraction=0.3)
+    seq_len = 16 if packing else 512  # unpacked: every document is shorter than a row, so rows end in pad
+    cfg = DataConfig(name="local", path=str(root), text_field="body", streaming=True, seq_len=seq_len,
+                     packing=packing, val_fraction=0.3)
     tk = D.build_tokenizer(cfg, TokenizerConfig(vocab_size=300, cache_dir=str(tmp_path / "cache")))
     train, val = D.build_datasets(cfg, tk, rows_per_step=4)
-    batches = [train.next_batch() for _ in range(12)]  # > one epoch: the stream restarts reshuffled
-    assert all(x.shape == (4, 16) for x, _ in batches) and train.state_dict()["epoch"] >= 1
+    batches = [train.next_batch() for _ in range(40)]  # > one epoch: the stream restarts reshuffled
+    assert all(x.shape == (4, seq_len) for x, _ in batches) and train.state_dict()["epoch"] >= 1
     for x, y in batches:
         assert torch.equal(torch.where(y == -100, x, y), x)
         assert packing == bool((y != -100).all())
     train2, _ = D.build_datasets(cfg, tk, rows_per_step=4)
-    [train2.next_batch() for _ in range(5)]
+    [train2.next_batch() for _ in range(25)]
     state = train2.state_dict()
     resumed, _ = D.build_datasets(cfg, tk, rows_per_step=4)
     resumed.load_state_dict(state)
-    for want in batches[5:]:
+    for want in batches[25:]:
         assert all(torch.equal(a, b) for a, b in zip(resumed.next_batch(), want))
     first = val.batches(100, 2)
     assert all(torch.equal(a, b) for p, q in zip(first, val.batches(100, 2)) for a, b in zip(p, q))
     r0, r1 = (D.build_datasets(cfg, tk, rows_per_step=4, rank=r, world_size=2)[0] for r in (0, 1))
-    assert r0.next_batch()[0].shape == r1.next_batch()[0].shape == (2, 16)
+    assert r0.next_batch()[0].shape == r1.next_batch()[0].shape == (2, seq_len)
 
 
 def test_c4_offline_is_one_fast_line(monkeypatch, tok):
@@ -152,7 +153,7 @@ def test_c4_unreachable_endpoint_fails_fast(monkeypatch):
 
 def test_t5_without_path_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # no cached t5-base to fall back on
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *a, **k: None)  # no cached t5-base
     with pytest.raises(UserError, match="tokenizer.path=") as err:
         D.build_tokenizer(DataConfig(**SMALL), TokenizerConfig(kind="t5"))
     assert "tokenizer.kind=bpe" in str(err.value) and "\n" not in str(err.value)
@@ -323,3 +324,48 @@ def test_shipped_data_configs():
         assert cfg.name.value == f.stem
     c4 = DataConfig(**yaml.safe_load((CONF / "c4.yaml").read_text()))
     assert (c4.packing, c4.seq_len, c4.seed, c4.streaming) == (False, 256, 42, True)
+
+
+def test_c4_pipeline_on_a_stand_in_stream(tmp_path, monkeypatch, spiece):
+    """The C4 harness path (shuffled stream, one padded document per row, -100 on pad, rank split) with the hub
+    replaced by local .jsonl files, since the hub is unreachable here."""
+    import datasets
+
+    real_load = datasets.load_dataset
+    for split, n in (("train", 40), ("validation", 10)):
+        with open(tmp_path / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"text": f"{split} document {i}. " + "The Congress shall meet. " * (i % 7 + 1),
+                                    "url": "u", "timestamp": "t"}) + "\n")
+
+    def fake_load(name, config=None, split=None, streaming=False, **kw):
+        assert (name, config, streaming) == ("allenai/c4", "en", True)
+        return real_load("json", data_files=str(tmp_path / f"{split}.jsonl"), split="train", streaming=True)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    monkeypatch.setattr(D, "_require_c4", lambda: None)
+    cfg = DataConfig(**yaml.safe_load((CONF / "c4.yaml").read_text()))
+    cfg.seq_len = 48
+    tk = D.build_tokenizer(cfg, TokenizerConfig(path=str(spiece[0])))  # kind auto -> t5 -> tokenizer.path
+    train, val = D.build_datasets(cfg, tk, rows_per_step=4)
+    x, y = train.next_batch()
+    assert x.shape == (4, 48) and train.num_tokens is None
+    for row, lab in zip(x, y):
+        end = int((row == tk.eos_id).nonzero()[0])
+        assert (lab[end + 1:] == -100).all() and (row[end + 1:] == tk.pad_id).all()
+        assert torch.equal(lab[: end + 1], row[: end + 1])
+    texts = [tk.decode(r[: int((r == tk.eos_id).nonzero()[0])].tolist()) for r in x]
+    assert all(t.startswith("train document") for t in texts)
+    assert [t.split(".")[0] for t in texts] != [f"train document {i}" for i in range(4)]  # shuffled (seed 42)
+    batches = val.batches(200, 4)
+    tokens = sum(int((b[1] != -100).sum()) for b in batches)
+    assert tokens >= 200 and all(torch.equal(p[0], q[0]) for p, q in zip(batches, val.batches(200, 4)))
+    assert 1 < D.unigram_perplexity(train, val, max_tokens=200) < 300
+    halves = [D.build_datasets(cfg, tk, rows_per_step=4, rank=r, world_size=2)[0].next_batch()[0] for r in (0, 1)]
+    assert all(h.shape == (2, 48) for h in halves)
+
+
+def test_one_document_is_not_enough(tmp_path):
+    (tmp_path / "only.txt").write_text("a single document")
+    with pytest.raises(UserError, match=r"^data\.path: need at least 2"):
+        D.load_documents(DataConfig(name="local", path=str(tmp_path / "only.txt")))

@@ -7,7 +7,7 @@ intermediate for backward and costs 2 * tokens * rank * (in + out) FLOPs instead
 Init: A Kaiming-uniform U(+-1/sqrt(in)) and B U(+-1/sqrt(rank)), both random. Unlike SLTrain or LoRA there is no
 other path for the signal: with B = 0 every block would output zero, no gradient would reach any A or B
 (dA = B^T Gw = 0, and Gw of the layers feeding a zero layer is zero), and the model would never train. With both
-factors random, entries of W have std 1/(3 sqrt(in)), the scale of nn.Linear's own default init.
+factors random, entries of W have std 1/(3 sqrt(in)), about 0.6x nn.Linear's own default init.
 """
 from __future__ import annotations
 
