@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable, List, Sequence
 
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -80,7 +81,11 @@ def expand_grid(overrides: Sequence[str]) -> List[List[str]]:
     return [list(combo) for combo in itertools.product(*axes)]
 
 
+SCHEMA_NAME = "sltrain_schema"  # conf/config.yaml lists it first in its defaults
+
+
 def _compose(overrides: List[str]) -> DictConfig:
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)  # typed from the start: typos fail
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
 
@@ -94,6 +99,9 @@ def _hydra_error(err: Exception, overrides: List[str]) -> ConfigError:
     m = re.search(r"Could not override '([^']+)'", str(err)) or re.search(r"Key '([^']+)' is not in struct", str(err))
     if m:
         return ConfigError(m.group(1), "unknown key (see `sltrain pretrain --print-config` for the valid keys)")
+    if "Ambiguous value" in str(err):
+        key = next((_split(o)[0] for o in overrides if o in str(err)), "overrides")
+        return ConfigError(key, "a comma list is a grid: run it with `sltrain sweep`")
     for ov in overrides:  # the grammar error names the override text
         if ov in str(err):
             return ConfigError(_split(ov)[0], msg)
@@ -103,41 +111,47 @@ def _hydra_error(err: Exception, overrides: List[str]) -> ConfigError:
 def _apply_recipe(cfg: DictConfig, user_keys: set[str]) -> None:
     """An experiment preset may carry per-method settings (GaLore's lr differs from SLTrain's); apply the
     chosen method's entries unless the user set the same key on the command line."""
-    OmegaConf.set_struct(cfg, False)
-    recipes = cfg.pop(RECIPES_KEY, None)
-    if not recipes:
-        return
-    for key, value in (recipes.get(str(cfg.method.name)) or {}).items():
+    recipes = cfg.get(RECIPES_KEY) or {}
+    method = cfg.method.name.value if hasattr(cfg.method.name, "value") else str(cfg.method.name)
+    for key, value in (recipes.get(method) or {}).items():
         if key not in user_keys:
             OmegaConf.update(cfg, key, value, merge=False)
 
 
+def _omegaconf_error(err: OmegaConfBaseException, schema: DictConfig) -> ConfigError:
+    key = getattr(err, "full_key", None) or "config"
+    text = str(err).splitlines()[0]
+    if "not in struct" in text or ("Key '" in text and "not" in text):
+        return ConfigError(key, "unknown key (see `sltrain pretrain --print-config` for the valid keys)")
+    m = re.search(r"Invalid value '([^']*)', expected one of", text)
+    if m:
+        node = OmegaConf.select(schema, key, throw_on_missing=False)
+        allowed = ", ".join(e.value for e in type(node)) if node is not None else ""
+        return ConfigError(key, f"must be one of {allowed}, got {m.group(1)!r}")
+    m = re.search(r"Value '([^']*)' of type '\w+' could not be converted to (\w+)", text)
+    if m:
+        kind = m.group(2).lower()
+        return ConfigError(key, f"must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {m.group(1)!r}")
+    return ConfigError(key, text)
+
+
 def compose_dict(overrides: Sequence[str] = ()) -> DictConfig:
-    """Composed and schema-checked DictConfig (no __post_init__ range checks yet)."""
+    """Composed DictConfig, typed by the RunConfig schema (no __post_init__ range checks yet)."""
     overrides = expand_aliases(overrides)
+    schema = OmegaConf.structured(RunConfig)
     try:
         cfg = _compose(overrides)
     except HydraException as err:
+        if isinstance(err.__cause__, OmegaConfBaseException):
+            raise _omegaconf_error(err.__cause__, schema) from None
         raise _hydra_error(err, overrides) from None
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error(err, schema) from None
     _apply_recipe(cfg, {_split(o)[0].lstrip("+~") for o in overrides})
-    schema = OmegaConf.structured(RunConfig)
     try:
         return OmegaConf.merge(schema, cfg)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "config"
-        text = str(err).splitlines()[0]
-        if "not in struct" in text or "Key '" in text and "not" in text:
-            return _raise(ConfigError(key, "unknown key (see `sltrain pretrain --print-config` for the valid keys)"))
-        m = re.search(r"Invalid value '([^']*)', expected one of", text)
-        if m:
-            node = OmegaConf.select(schema, key, throw_on_missing=False)
-            allowed = ", ".join(e.value for e in type(node)) if node is not None else ""
-            return _raise(ConfigError(key, f"must be one of {allowed}, got {m.group(1)!r}"))
-        return _raise(ConfigError(key, text))
-
-
-def _raise(err: Exception):
-    raise err from None
+        raise _omegaconf_error(err, schema) from None
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 
 class UserError(Exception):
@@ -327,6 +327,9 @@ class RunConfig:
     out_dir: str = "outputs"  # root of run folders
     run_name: Optional[str] = None  # None = derived from the overrides
     timestamp: bool = False  # append a time stamp to the derived run name
+    # experiment presets only: {method name: {dotted key: value}} applied at compose time for that method
+    # (GaLore's recipe uses another lr than SLTrain's) unless the command line sets the same key
+    method_recipes: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         # A rank larger than a layer dimension is rejected when the model is built (core), so that a sweep

@@ -160,32 +160,63 @@ def _adam8bit_bytes(numel: int) -> int:
     return 2 * (numel + 4 * math.ceil(numel / BNB_BLOCK))
 
 
-def _activation_bytes(cfg: ModelConfig, tokens: int, seq_len: int, act_bytes: int, vocab: int,
-                      checkpointing: bool) -> int:
-    """Activations saved for backward, for ``tokens = batch x seq_len`` tokens (flash-style attention).
+def _activation_bytes(cfg: ModelConfig, tokens: int, act_bytes: int, vocab: int, checkpointing: bool,
+                      adapter_rank: int = 0) -> int:
+    """Bytes saved for backward at the start of backward, for ``tokens = batch x seq_len`` tokens.
 
-    Per decoder block and token, in the activation dtype: RMSNorm inputs and outputs (2 x 2d), the
-    rotated q and k and v kept by attention (3d), the attention output (d, also o's input), and in the
-    SwiGLU MLP gate, silu(gate), up and their product (4m): ``8d + 4m`` numbers, plus fp32 RMSNorm
-    inverse-rms (2) and attention log-sum-exp (one per head). No S x S attention matrix: torch SDPA
-    uses a flash / memory-efficient kernel on CUDA and a flash kernel on CPU.
-    Head: final RMSNorm (2d), bf16 logits (V, held by the output object), the fp32 log-softmax kept by
-    cross-entropy (4V B) and its fp32 input copy, alive at the loss (4V B).
-    With activation checkpointing each block keeps only its input (d) and one block's full set is
-    rebuilt at a time during backward.
+    Counted from core/model.py's autograd graph (a = activation bytes, d hidden, m intermediate, h heads):
+    each RMSNorm keeps its fp32 input copy and inverse rms and the normalized a-byte tensor (4d + ad + 4);
+    attention keeps the norm output (ad, shared by q, k, v), rotated q, k and v (3ad), the SDPA output and
+    its fp32 log-sum-exp (ad + 4h) and the contiguous copy fed to o (ad); the SwiGLU MLP keeps the norm
+    output (ad), gate, silu(gate), up and their product (4am). Per block and token:
+    ``8d + 9ad + 8 + 4h + 4am`` bytes, plus ``7ra`` for the (tokens, r) intermediates of LowRankLinear /
+    ReLoRALinear (SparseLowRankLinear keeps only its input). No S x S matrix: SDPA runs a flash /
+    memory-efficient kernel (CUDA) or the CPU flash kernel.
+    Head: final norm and its output (4d + 2ad + 4) and the fp32 cross-entropy at its peak in backward --
+    log-softmax output, its gradient and the logits' gradient (12V). The bf16 logits held by a caller's
+    output object (aV) are not counted.
+    Activation checkpointing: each block keeps only its input (ad); one block's set is rebuilt at a time.
     """
-    d, m, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    block = tokens * ((8 * d + 4 * m) * act_bytes + 4 * (2 + cfg.num_heads))
-    layers = L * tokens * d * act_bytes + block if checkpointing else L * block
-    head = tokens * (2 * d * act_bytes + vocab * act_bytes + 8 * vocab)
+    d, m, L, a = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, act_bytes
+    block = tokens * (8 * d + 9 * a * d + 8 + 4 * cfg.num_heads + 4 * a * m + 7 * adapter_rank * a)
+    layers = L * tokens * a * d + block if checkpointing else L * block
+    head = tokens * (4 * d + 2 * a * d + 4 + 12 * vocab)
     return layers + head
+
+
+def _step_temp_bytes(trainable, method: str, optimizer: str, layerwise: bool, device: str, rank: int,
+                     a: int) -> int:
+    """Transient bytes of one optimizer step (alive with all gradients, after the activations are freed).
+
+    torch AdamW: on CUDA the foreach path builds one sqrt(v) list the size of all moments (n x a; with
+    layer-wise updates each optimizer holds one parameter, so the largest one); on CPU the single-tensor
+    path builds sqrt(v) and its quotient for one parameter at a time (2 x largest). GaLoreAdamW (per
+    parameter): the denominator and direction (2 x state) plus, for a projected matrix, the back-projected
+    (out, in) update. bitsandbytes 8-bit: fused CUDA kernel (nothing); the CPU backend dequantizes both
+    moments and upcasts the gradient and the parameter to fp32 and forms the fp32 denominator (~6 x 4 B
+    x largest).
+    """
+    if not trainable:
+        return 0
+    largest = max(t.numel for t in trainable)
+    if method == "galore":
+        def one(t):
+            if t.galore_shape:
+                return a * (2 * rank * max(t.galore_shape) + t.numel) if optimizer == "adam" else a * t.numel
+            return 2 * a * t.numel if optimizer == "adam" or device == "cpu" else 0
+        return max(one(t) for t in trainable)
+    if optimizer == "adam8bit":
+        return 24 * largest if device == "cpu" else 0
+    if device == "cpu":
+        return 2 * a * largest
+    return a * (largest if layerwise else sum(t.numel for t in trainable))
 
 
 def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = None,
                     delta: Optional[float] = None, *, vocab_size: Optional[int] = None,
                     optimizer: str = "adam", layerwise: bool = False, index_dtype: str = "int64",
                     batch_size: int = 1, seq_len: int = 256, activation_checkpointing: bool = False,
-                    param_bytes: int = 2, target_modules=None) -> dict:
+                    param_bytes: int = 2, device: str = "cuda", target_modules=None) -> dict:
     """Analytic memory of training ``model_cfg`` with ``method``; see the module docstring.
 
     ``param_bytes``: 2 = bf16-pure (the paper), 4 = fp32. Parameters, gradients, torch-Adam moments,
@@ -193,6 +224,9 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
     parameter dtype) or 'adam8bit' (bitsandbytes AdamW8bit layout). ``layerwise``: the optimizer steps
     each parameter inside backward, so gradients are never all alive; we count the largest single
     trainable parameter's gradient. GaLore under adam8bit quantizes its projected moments the same way.
+    ``device``: 'cuda' (the paper's setting) or 'cpu' -- which optimizer-step and SLTrain-layer
+    temporaries torch / bitsandbytes create there. ``full_total_gb`` is the peak over the phases of a
+    step (see the end of this function), not the sum of the parts.
     """
     method = getattr(method, "value", method)
     index_dtype = getattr(index_dtype, "value", index_dtype)
@@ -207,6 +241,7 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
         raise UserError(f"--optimizer: must be adam or adam8bit, got {optimizer!r}")
     if index_dtype not in ("int64", "int32"):
         raise UserError(f"--index-dtype: must be int64 or int32, got {index_dtype!r}")
+    device = "cpu" if str(device).startswith("cpu") else "cuda"
     if param_bytes not in (2, 4):
         raise UserError(f"param_bytes: must be 2 (bf16) or 4 (fp32), got {param_bytes}")
     vocab = int(vocab_size or model_cfg.vocab_size)
@@ -258,12 +293,24 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
             full_opt_b += _adam8bit_bytes(state_numel)
             n_8bit += state_numel >= BNB_MIN_8BIT_SIZE
     full_opt_b += BNB_QMAP_BYTES * (n_8bit if layerwise else min(n_8bit, 1))
-    act_b = _activation_bytes(model_cfg, batch_size * seq_len, seq_len, param_bytes, vocab,
-                              activation_checkpointing)
-    # Transient dense matrices: SLTrain/sparse layers build W = (alpha/r)BA + S in forward and both W and
-    # the weight gradient G^T x in backward (one layer at a time) -> 2 x the largest target matrix.
+    adapter_rank = rank if method in ("lowrank", "relora") else 0
+    act_b = _activation_bytes(model_cfg, batch_size * seq_len, param_bytes, vocab, activation_checkpointing,
+                              adapter_rank)
+    # SLTrain / sparse layers build the dense (out, in) W for one matmul in forward, and W then the weight
+    # gradient G^T x in backward, one layer at a time. On CPU in bf16 the rank-r product is done in fp32
+    # and cast down (6 B per entry alive).
     biggest = max(o * i for _, o, i in _targets(model_cfg))
-    work_b = 2 * biggest * param_bytes if method in ("sltrain", "sparse") else 0
+    per_entry = 6 if (device == "cpu" and param_bytes == 2) else param_bytes
+    work_b = biggest * per_entry if method in ("sltrain", "sparse") else 0
+    temp_b = _step_temp_bytes(trainable, method, optimizer, layerwise, device, rank, param_bytes)
+    # The peak: parameters and optimizer state always; then either the start of backward (all activations,
+    # no gradient yet: the loop zeroes them to None) or the optimizer step (all gradients + its
+    # temporaries). Under layer-wise updates a gradient is stepped and freed while activations are alive.
+    base = full_param_b + full_opt_b
+    if layerwise:
+        peak_b = base + act_b + work_b + full_grad_b + temp_b
+    else:
+        peak_b = base + max(act_b + work_b, full_grad_b + temp_b)
 
     return {
         "method": method, "size": size, "rank": None if method == "full" else rank,
@@ -277,8 +324,8 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
         "activation_checkpointing": activation_checkpointing,
         "full_param_mem_gb": full_param_b / GB, "full_grad_mem_gb": full_grad_b / GB,
         "full_optimizer_mem_gb": full_opt_b / GB, "full_optimizer_bytes": full_opt_b,
-        "activation_mem_gb": act_b / GB, "workspace_mem_gb": work_b / GB,
-        "full_total_gb": (full_param_b + full_grad_b + full_opt_b + act_b + work_b) / GB,
+        "activation_mem_gb": act_b / GB, "workspace_mem_gb": work_b / GB, "step_temp_mem_gb": temp_b / GB,
+        "full_total_gb": peak_b / GB, "device": device,
     }
 
 
@@ -388,13 +435,19 @@ def _set_checkpointing(model, enabled: bool) -> None:
 def memory_rows(size: str, method: str = "all", rank: Optional[int] = None, delta: Optional[float] = None,
                 optimizer: str = "adam", layerwise: bool = False, index_dtype: str = "int64",
                 batch_size: int = 1, seq_len: int = 256, activation_checkpointing: bool = False,
-                measure: bool = False, device: str = "cpu") -> List[dict]:
+                measure: bool = False, device: Optional[str] = None) -> List[dict]:
     """One estimate row per method (``method='all'``: full, lowrank, relora, galore, sltrain, sparse).
 
     rank / delta default to PAPER_RECIPE[size]. With ``measure`` each row also gets ``measured_gb`` (a few
     bf16-pure training steps of the real model on ``device``), ``measure_kind`` and ``ratio`` =
-    measured / full_total_gb.
+    measured / full_total_gb (the estimate is then made for the measuring device). ``device`` None: cuda
+    when available for measuring; estimates alone assume cuda (the paper's setting).
     """
+    if measure and device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = device or "cuda"
     cfg = load_model_config(size)
     short = _short(cfg.name)
     recipe = PAPER_RECIPE.get(short) or PAPER_RECIPE.get(_short(str(size).lower()), PAPER_RECIPE["60m"])
@@ -405,15 +458,19 @@ def memory_rows(size: str, method: str = "all", rank: Optional[int] = None, delt
     for m in methods:
         row = estimate_memory(cfg, m, rank, delta, optimizer=optimizer, layerwise=layerwise,
                               index_dtype=index_dtype, batch_size=batch_size, seq_len=seq_len,
-                              activation_checkpointing=activation_checkpointing)
+                              activation_checkpointing=activation_checkpointing, device=device)
         row["size"] = short
         if measure:
             mcfg = MethodConfig(name=m, rank=row["rank"] or (0 if m == "sparse" else rank), delta=delta,
                                 index_dtype=index_dtype)
-            meas = measure_memory(cfg, mcfg, optimizer=optimizer, layerwise=layerwise, batch_size=batch_size,
-                                  seq_len=seq_len, device=device, precision="bf16-pure",
-                                  activation_checkpointing=activation_checkpointing)
-            row.update(measured_gb=meas["measured_gb"], measure_kind=meas["measure_kind"],
-                       ratio=meas["measured_gb"] / row["full_total_gb"])
+            try:
+                meas = measure_memory(cfg, mcfg, optimizer=optimizer, layerwise=layerwise, batch_size=batch_size,
+                                      seq_len=seq_len, device=device, precision="bf16-pure",
+                                      activation_checkpointing=activation_checkpointing)
+            except UserError as e:  # e.g. 8-bit GaLore, which core/optim.py refuses: keep the estimate row
+                row.update(measured_gb=None, measure_kind=None, ratio=None, measure_error=str(e))
+            else:
+                row.update(measured_gb=meas["measured_gb"], measure_kind=meas["measure_kind"],
+                           ratio=meas["measured_gb"] / row["full_total_gb"])
         rows.append(row)
     return rows

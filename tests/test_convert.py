@@ -1,4 +1,5 @@
 """apply_method (module swapping, support seeds) and count_parameters against the paper's Param column."""
+import copy
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,32 @@ def test_tiny_sltrain_model_learns():
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
     assert model.layers[0].attn.q.B.abs().max() > 0  # the low-rank factors moved off zero
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sltrain_model_on_cuda_matches_cpu():
+    torch.manual_seed(0)
+    model = build("sltrain", rank=8, delta=0.05, alpha=16, index_dtype="int32")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".B"):
+                p.normal_(std=0.05)
+    gpu = copy.deepcopy(model).cuda()
+    ids = torch.randint(0, 97, (2, 16))
+
+    def run(m, ids, autocast=False):
+        m.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = m(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach().float().cpu(), {n: p.grad.float().cpu() for n, p in m.named_parameters()}
+
+    loss_cpu, g_cpu = run(model, ids)
+    loss_gpu, g_gpu = run(gpu, ids.cuda())
+    torch.testing.assert_close(loss_gpu, loss_cpu, rtol=1e-4, atol=1e-4)
+    for name in g_cpu:
+        torch.testing.assert_close(g_gpu[name], g_cpu[name], rtol=1e-3, atol=1e-4, msg=name)
+    loss_bf16, g_bf16 = run(gpu, ids.cuda(), autocast=True)
+    assert abs(float(loss_bf16) - float(loss_cpu)) < 0.05
+    assert all(torch.isfinite(g).all() for g in g_bf16.values())

@@ -233,7 +233,6 @@ def test_cuda_matches_reference(dtype):
     y, dx, g = _grads(layer, x, layer)
     y_ref, dx_ref, g_ref = _grads(layer, x, lambda t: _reference(layer, t))
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.03, atol=0.03)
-    torch.backends.cuda.matmul.allow_tf32 = False
     torch.testing.assert_close(y, y_ref, **tol)
     torch.testing.assert_close(dx, dx_ref, **tol)
     for name in g:

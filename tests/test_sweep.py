@@ -82,7 +82,7 @@ def test_sweep_runs_skips_and_records_failures(tmp_path, cache_dir):
     # rerun: nothing starts
     console, buf = _console()
     rows = run_sweep(tiny_overrides(tmp_path, *grid), name="grid", console=console)
-    assert buf.getvalue().count("skipped") == 4 and [r["status"] for r in rows] == ["completed"] * 4
+    assert buf.getvalue().count("... skipped") == 4 and [r["status"] for r in rows] == ["completed"] * 4
     assert [p.stat().st_mtime_ns for p in summaries] == mtimes
 
     # extend the grid with an impossible rank: the old trials are skipped, the new ones fail and are recorded
