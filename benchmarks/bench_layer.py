@@ -52,11 +52,14 @@ class _PeakStorage(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 s = t.untyped_storage()
                 key, nbytes = s.data_ptr(), s.nbytes()
-                if nbytes and key not in self._seen:  # in-place and view results reuse a storage
+                # views and in-place results share an input's storage: not an allocation
+                if nbytes and key not in self._seen and key not in inputs:
                     self._seen.add(key)
                     self.live += nbytes
                     self.peak = max(self.peak, self.live)
@@ -76,11 +79,15 @@ def build(method: str, n_in: int, n_out: int, rank: int, delta: float, device, d
 
 
 def make_step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):
-    def step():
+    def clear():
         x.grad = None
         for p in layer.parameters():
             p.grad = None
+
+    def step():
+        clear()
         layer(x).backward(g)
+    step.clear = clear
     return step
 
 
@@ -90,6 +97,8 @@ def sync(device):
 
 
 def peak_growth(step, device) -> int:
+    """Peak bytes allocated by one fwd+bwd beyond what existed before it (gradients of the last step freed first)."""
+    step.clear()
     if device.type == "cuda":
         sync(device)
         base = torch.cuda.memory_allocated(device)
@@ -144,6 +153,8 @@ def main(argv=None) -> None:
                           "cpu" if args.device == "auto" else args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.zeros(1, device=device).sum()  # create the CUDA context on this thread before autograd's does
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
     print(f"# bench_layer: {where}, torch {torch.__version__}, delta {args.delta}, "

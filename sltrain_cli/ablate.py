@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
 import math
 from pathlib import Path
@@ -43,9 +44,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from rich.console import Console
 
-from .compose import load_config, run_name
+from . import data as data_lib
+from .checkpoint import (atomic_write, latest_checkpoint, load_checkpoint, load_model_weights, resolve_checkpoint,
+                         run_dir_of)
+from .compose import from_container, load_config, run_name
 from .configs import ConfigError, MethodName, UserError
-from .sweep import Trial, drop_keys, find_override, out_root, quote, run_trials, validate_trials
+from .core.model import LlamaForCausalLM
+from .core.optim import build_optimizer, build_scheduler
+from .core.sparse_lowrank import SparseLowRankLinear, sample_support
+from .distributed import resolve_device
+from .evaluate import evaluate_ppl
+from .results import plot_lines, print_table, write_table
+from .sweep import Trial, drop_keys, find_override, frame, out_root, quote, run_trials, validate_trials
+from .train import autocast_for, build_model
 
 STUDIES = ("seeds", "pruning", "strategy", "spectrum")
 OWN_KEYS = {"seeds": ("n",), "pruning": ("from",), "strategy": ("warmup",), "spectrum": ("runs", "layer")}
@@ -119,6 +130,9 @@ def run_study(overrides: Sequence[str], console: Optional[Console] = None) -> Li
         if need not in own:
             raise ConfigError(need, f"is required for study={study} "
                                     f"({'a trained full-rank run folder' if need == 'from' else 'RUN_DIR1,RUN_DIR2,...'})")
+    cfg = load_config(rest)  # the pretrain overrides are checked before anything runs
+    if cfg.train.num_threads:  # for the work done in this process (pruning, spectrum), as train() does
+        torch.set_num_threads(cfg.train.num_threads)
     folder = study_folder(study, own, rest)
     fn = {"seeds": study_seeds, "pruning": study_pruning, "strategy": study_strategy, "spectrum": study_spectrum}
     rows = fn[study](own, rest, folder, console)
@@ -127,10 +141,8 @@ def run_study(overrides: Sequence[str], console: Optional[Console] = None) -> Li
 
 
 def _write(rows: List[dict], folder: Path, title: str, console: Console, columns=None) -> None:
-    from .results import print_table, write_table
-
-    write_table(rows, folder / "results", columns=columns)
-    print_table(rows, title=title, columns=columns, console=console)
+    write_table(frame(rows), folder / "results", columns=columns)
+    print_table(frame(rows), title=title, columns=columns, console=console)
 
 
 def loss_curve(run_dir: Path) -> Tuple[List[int], List[float]]:
@@ -154,8 +166,6 @@ def _need_sparse(cfg, study: str) -> None:
 
 # ----------------------------------------------------------------------------------------- seeds
 def study_seeds(own, rest, folder: Path, console: Console) -> List[dict]:
-    from .results import plot_lines
-
     n = _int_arg(own, "n", 5, 1)
     _need_sparse(load_config(rest), "seeds")
     base = drop_keys(rest, ["out_dir", "method.support_seed"])
@@ -163,7 +173,7 @@ def study_seeds(own, rest, folder: Path, console: Console) -> List[dict]:
     validate_trials(trials, folder)
     results = run_trials(trials, folder, console, label="seed")
     curves = {f"support seed {r.trial.swept['support_seed']}": loss_curve(r.trial.run_dir(folder)) for r in results}
-    plot_lines(curves, folder / "loss_curves.png", xlabel="step", ylabel="training loss",
+    plot_lines(curves, folder / "loss_curves.png", xlabel="step", ylabel="training loss", marker=".",
                title=f"random support, {n} seeds")
     rows = [{"support_seed": r.trial.swept["support_seed"], "val_ppl": (r.summary or {}).get("val_ppl"),
              "val_loss": (r.summary or {}).get("val_loss"), "final_train_loss": _final_loss(r.trial.run_dir(folder)),
@@ -172,7 +182,7 @@ def study_seeds(own, rest, folder: Path, console: Console) -> List[dict]:
     for label, fn in (("mean", _mean), ("std", _std)):
         rows.append({"support_seed": label, **{k: fn([r[k] for r in done if r[k] is not None])
                                                for k in ("val_ppl", "val_loss", "final_train_loss")},
-                     "status": f"{len(done)}/{n} completed"})
+                     "status": f"{len(done)}/{n} completed" if label == "mean" else None})
     _write(rows, folder, f"support seeds ({folder.name})", console)
     if done:
         mean, std = rows[-2]["val_ppl"], rows[-1]["val_ppl"]
@@ -204,11 +214,6 @@ class LoadedRun:
 
 
 def load_run(path: Path | str, key: str = "from") -> LoadedRun:
-    from . import data as data_lib
-    from .checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint, run_dir_of
-    from .compose import from_container
-    from .train import build_model
-
     try:
         ckpt = resolve_checkpoint(path)
     except FileNotFoundError as err:
@@ -252,15 +257,6 @@ def svd_split(w: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, t
     return left.float(), right.float(), (w.double() - left @ right).float()
 
 
-def top_indices(residual: torch.Tensor, nnz: int) -> torch.Tensor:
-    """Flat row-major positions of the nnz largest |residual| entries, sorted."""
-    return torch.topk(residual.abs().flatten(), nnz).indices.sort().values
-
-
-def random_indices(out_f: int, in_f: int, nnz: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randperm(out_f * in_f, generator=generator)[:nnz].sort().values
-
-
 # ----------------------------------------------------------------------------------------- pruning
 def _pruning_config(run: LoadedRun, rest: Sequence[str]):
     """The run's own overrides (data, model, train settings) with the user's on top."""
@@ -271,97 +267,82 @@ def _pruning_config(run: LoadedRun, rest: Sequence[str]):
     return load_config([*saved, *rest])
 
 
-def study_pruning(own, rest, folder: Path, console: Console) -> List[dict]:
-    from .core.sparse_lowrank import SparseLowRankLinear
-    from .results import plot_lines
+@dataclasses.dataclass
+class _Target:
+    """One target weight of the pruning study: W0 = left @ right (= L0) + residual."""
 
+    w0: torch.Tensor
+    left: torch.Tensor  # U_r sqrt(S_r)
+    right: torch.Tensor  # sqrt(S_r) Vh_r
+    residual: torch.Tensor
+    supports: Dict[str, torch.Tensor]  # "top" / "random" -> flat positions
+
+    def pruned(self, kind: Optional[str]) -> torch.Tensor:
+        """L0, plus the residual on the ``kind`` support."""
+        w = self.left @ self.right
+        if kind is not None:
+            idx = self.supports[kind]
+            w.view(-1)[idx] += self.residual.reshape(-1)[idx]
+        return w
+
+
+def study_pruning(own, rest, folder: Path, console: Console) -> List[dict]:
     run = load_run(own["from"][-1])
     if run.cfg.method.name != MethodName.full:
         raise ConfigError("from", f"study=pruning needs a full-rank run (method=full); {run.run_dir} is "
                                   f"method={run.cfg.method.name.value}")
     cfg = _pruning_config(run, rest)
-    rank, delta, alpha = cfg.method.rank, cfg.method.delta, cfg.method.alpha
+    rank, delta = cfg.method.rank, cfg.method.delta
     if rank < 1 or delta <= 0:
         raise ConfigError("method.rank", f"study=pruning needs rank >= 1 and delta > 0, got rank={rank}, delta={delta}")
-    targets = target_modules(run.model, cfg.method.target_modules)
     gen = torch.Generator().manual_seed(cfg.method.support_seed)
-    parts = {}  # qualified name -> (W0, left, right, residual, top idx, random idx)
-    for qual, module in targets:
+    targets = {}
+    for qual, module in target_modules(run.model, cfg.method.target_modules):
         w0 = dense_of(module)
         left, right, res = svd_split(w0, rank)
-        nnz = int(delta * w0.numel())
-        parts[qual] = (w0, left, right, res, top_indices(res, nnz), random_indices(*w0.shape, nnz, gen))
-    if any(rank >= min(p[0].shape) for p in parts.values()):
+        supports = {"top": sample_support(*w0.shape, delta, "top", reference=res),
+                    "random": sample_support(*w0.shape, delta, "random", gen)}
+        targets[qual] = _Target(w0, left, right, res, supports)
+    if any(rank >= min(t.w0.shape) for t in targets.values()):
         console.print(f"[yellow]warning:[/yellow] rank={rank} >= a target's smaller side: L0 is exact there",
                       highlight=False)
-
-    from . import data as data_lib
-    from .distributed import resolve_device
-    from .evaluate import evaluate_ppl
-    from .train import autocast_for
 
     device = resolve_device(cfg.train.device)
     autocast = autocast_for(cfg.train.precision, device)
     _, val_set = data_lib.build_datasets(run.cfg.data, run.tokenizer, rows_per_step=cfg.train.total_batch_size)
     val_batches = val_set.batches(cfg.train.eval_tokens, cfg.train.micro_batch_size)
 
-    def evaluate(model) -> dict:
+    def evaluate(model: torch.nn.Module, label: str) -> dict:
         model.to(device)
-        result = evaluate_ppl(model, val_batches, device, autocast)
+        val = evaluate_ppl(model, val_batches, device, autocast)
         model.to("cpu")
-        return result
+        errors = [float(torch.linalg.norm(t.w0 - dense_of(model.get_submodule(q))) / torch.linalg.norm(t.w0))
+                  for q, t in targets.items()]
+        return {"weights": label, "val_ppl": val["ppl"], "val_loss": val["loss"],
+                "rel_error": sum(errors) / len(errors)}
 
-    def with_weights(weights: Dict[str, torch.Tensor]) -> torch.nn.Module:
+    rows = []
+    for label, kind in (("Full-rank", "full"), ("L0 (low-rank)", None), (f"L0 + top-{delta:g} pruned", "top"),
+                        (f"L0 + random-{delta:g} pruned", "random")):
+        console.print(f"pruning: evaluating {label}", highlight=False)
         model = copy.deepcopy(run.model)
         with torch.no_grad():
-            for qual, w in weights.items():
-                model.get_submodule(qual).weight.copy_(w)
-        return model
-
-    def masked(res: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(res.numel())
-        out[idx] = res.flatten()[idx]
-        return out.view_as(res)
-
-    variants = {
-        "Full-rank": {q: p[0] for q, p in parts.items()},
-        "L0 (low-rank)": {q: p[1] @ p[2] for q, p in parts.items()},
-        f"L0 + top-{delta:g} pruned": {q: p[1] @ p[2] + masked(p[3], p[4]) for q, p in parts.items()},
-        f"L0 + random-{delta:g} pruned": {q: p[1] @ p[2] + masked(p[3], p[5]) for q, p in parts.items()},
-    }
-    rows = []
-    for label, weights in variants.items():
-        console.print(f"pruning: evaluating {label}", highlight=False)
-        val = evaluate(with_weights(weights))
-        rows.append(_pruning_row(label, val, weights, parts))
+            for qual, t in targets.items():
+                model.get_submodule(qual).weight.copy_(t.w0 if kind == "full" else t.pruned(kind))
+        rows.append(evaluate(model, label))
 
     curves = {}
-    for kind, slot in (("top", 4), ("random", 5)):
+    for kind in ("top", "random"):
         label = f"L0 + {kind}-{delta:g} trained"
         console.print(f"pruning: training the sparse values on the {kind} support ({cfg.train.steps} steps)",
                       highlight=False)
-        model = copy.deepcopy(run.model)
-        for qual, (w0, left, right, res, *idx) in parts.items():
-            layer = SparseLowRankLinear(w0.shape[1], w0.shape[0], rank=left.shape[1], delta=delta, alpha=alpha,
-                                        bias=False, index_dtype=torch.int64)
-            scale = math.sqrt(alpha / left.shape[1])  # dense_weight() = (alpha / r) B A + S
-            support = idx[slot - 4]
-            with torch.no_grad():
-                layer.B.copy_(left / scale)
-                layer.A.copy_(right / scale)
-            layer.set_support(support.to(layer.indices.dtype), res.flatten()[support].clone())
-            parent, name = qual.rsplit(".", 1)
-            setattr(model.get_submodule(parent), name, layer)
-        for pname, p in model.named_parameters():
-            p.requires_grad_(pname.endswith(".values"))
+        model = _fixed_lowrank_model(run.model, targets, kind, delta, cfg.method.alpha)
         curves[label] = _train_values(model, cfg, run, device, autocast)
-        val = evaluate(model)
-        weights = {q: dense_of(model.get_submodule(q)) for q in parts}
-        rows.append(_pruning_row(label, val, weights, parts))
+        rows.append(evaluate(model, label))
 
-    plot_lines(curves, folder / "trained_loss.png", xlabel="step", ylabel="training loss",
-          title=f"L0 fixed (rank {rank}), sparse values trained")
-    res_abs = torch.cat([p[3].abs().flatten() for p in parts.values()]).sort().values
+    plot_lines(curves, folder / "trained_loss.png", xlabel="step", ylabel="training loss", marker=".",
+               title=f"L0 fixed (rank {rank}), sparse values trained")
+    res_abs = torch.cat([t.residual.abs().flatten() for t in targets.values()]).sort().values
     pick = torch.linspace(0, res_abs.numel() - 1, min(2000, res_abs.numel())).long()
     plot_lines({f"|W0 - L0| entries (rank {rank})": (res_abs[pick].tolist(),
                                                       ((pick + 1).double() / res_abs.numel()).tolist())},
@@ -374,18 +355,31 @@ def study_pruning(own, rest, folder: Path, console: Console) -> List[dict]:
     return rows
 
 
-def _pruning_row(label: str, val: dict, weights: Dict[str, torch.Tensor], parts) -> dict:
-    errors = [float(torch.linalg.norm(parts[q][0] - w.float()) / torch.linalg.norm(parts[q][0]))
-              for q, w in weights.items()]
-    return {"weights": label, "val_ppl": val["ppl"], "val_loss": val["loss"], "rel_error": sum(errors) / len(errors)}
+def _fixed_lowrank_model(base: torch.nn.Module, targets: Dict[str, _Target], kind: str, delta: float,
+                         alpha: float) -> torch.nn.Module:
+    """A copy of ``base`` whose targets are SparseLowRankLinear with (alpha/r) B A = L0 frozen and the values on
+    the ``kind`` support started at the residual there; only those values are trainable."""
+    model = copy.deepcopy(base)
+    for qual, t in targets.items():
+        out_f, in_f = t.w0.shape
+        r = t.left.shape[1]
+        layer = SparseLowRankLinear(in_f, out_f, rank=r, delta=delta, alpha=alpha, bias=False, support_seed=0)
+        scale = math.sqrt(alpha / r)  # dense_weight() = (alpha / r) B A + S
+        idx = t.supports[kind]
+        with torch.no_grad():
+            layer.B.copy_(t.left / scale)
+            layer.A.copy_(t.right / scale)
+        layer.set_support(idx, t.residual.reshape(-1)[idx].clone())
+        parent, name = qual.rsplit(".", 1)
+        setattr(model.get_submodule(parent), name, layer)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(".values"))
+    return model
 
 
 def _train_values(model, cfg, run: LoadedRun, device, autocast) -> Tuple[List[int], List[float]]:
     """train.steps of the core optimizer + schedule on the run's training stream, updating only the
     trainable (sparse value) parameters; returns the loss curve."""
-    from . import data as data_lib
-    from .core.optim import build_optimizer, build_scheduler
-
     torch.manual_seed(cfg.seed)
     stream, _ = data_lib.build_datasets(run.cfg.data, run.tokenizer, rows_per_step=cfg.train.total_batch_size)
     method = dataclasses.replace(cfg.method, name=MethodName.sltrain)
@@ -416,9 +410,6 @@ def _train_values(model, cfg, run: LoadedRun, device, autocast) -> Tuple[List[in
 
 # ----------------------------------------------------------------------------------------- strategy
 def study_strategy(own, rest, folder: Path, console: Console) -> List[dict]:
-    from .checkpoint import latest_checkpoint
-    from .results import plot_lines
-
     cfg = load_config(rest)
     _need_sparse(cfg, "strategy")
     warmup = _int_arg(own, "warmup", max(1, cfg.train.steps // 4), 1)
@@ -437,7 +428,7 @@ def study_strategy(own, rest, folder: Path, console: Console) -> List[dict]:
                    init_path)
     results = run_trials(trials, folder, console, label="support")
     curves = {r.trial.swept["support"]: loss_curve(r.trial.run_dir(folder)) for r in results}
-    plot_lines(curves, folder / "loss_curves.png", xlabel="step", ylabel="training loss",
+    plot_lines(curves, folder / "loss_curves.png", xlabel="step", ylabel="training loss", marker=".",
                title=f"SLTrain supports (top from a {warmup}-step full-rank warm-up)")
     rows = [{"support": r.trial.swept["support"], "val_ppl": (r.summary or {}).get("val_ppl"),
              "val_loss": (r.summary or {}).get("val_loss"), "final_train_loss": _final_loss(r.trial.run_dir(folder)),
@@ -451,11 +442,6 @@ def study_strategy(own, rest, folder: Path, console: Console) -> List[dict]:
 def build_top_init(warm_ckpt: Path, cfg, path: Path) -> None:
     """A full-model checkpoint for the top-support trial: the seed's fresh initialization, with each target
     weight replaced by the residual of the warm-up weight after its rank-r SVD (what top support ranks)."""
-    from . import data as data_lib
-    from .checkpoint import atomic_write, load_model_weights
-    from .core.model import LlamaForCausalLM
-    import io
-
     tokenizer = data_lib.load_tokenizer(warm_ckpt.parent.parent / "tokenizer")
     model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
     warm = LlamaForCausalLM(model_cfg)
@@ -473,8 +459,6 @@ def build_top_init(warm_ckpt: Path, cfg, path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------- spectrum
 def study_spectrum(own, rest, folder: Path, console: Console) -> List[dict]:
-    from .results import plot_lines
-
     paths = [p for value in own["runs"] for p in split_paths(value)]
     layer = _int_arg(own, "layer", None, 0)
     explicit_rank = find_override(rest, "rank")
@@ -492,10 +476,10 @@ def study_spectrum(own, rest, folder: Path, console: Console) -> List[dict]:
         k = min(s.numel() for s in spectra)
         r = min(r_fixed if r_fixed is not None else max(1, k // 4), k)
         normalized = torch.stack([s[:k] / s[0] for s in spectra]).mean(0)
-        label = f"{run.run_dir.name} ({run.cfg.method.name.value})"
+        label = f"{len(rows) + 1}: {_describe(run.cfg.method)}"  # the table names the run in full
         series[label] = (list(range(1, k + 1)), normalized.tolist())
         eff = [math.exp(float(-(p * p.clamp_min(1e-300).log()).sum())) for p in (s / s.sum() for s in spectra)]
-        rows.append({"run": run.run_dir.name, "method": run.cfg.method.name.value,
+        rows.append({"#": len(rows) + 1, "run": run.run_dir.name, "method": run.cfg.method.name.value,
                      "rank": run.cfg.method.rank if run.cfg.method.name != MethodName.full else None,
                      "matrices": len(spectra), "min_side": k, "eff_rank": _mean(eff), "eff_rank_frac": _mean(eff) / k,
                      "stable_rank": _mean([float((s ** 2).sum() / s[0] ** 2) for s in spectra]),
@@ -505,3 +489,14 @@ def study_spectrum(own, rest, folder: Path, console: Console) -> List[dict]:
                title=f"singular values of the target weights ({where})")
     _write(rows, folder, f"spectra ({where})", console)
     return rows
+
+
+def _describe(method) -> str:
+    """'sltrain r=8 delta=0.1' / 'lowrank r=64' / 'full'."""
+    name = method.name.value
+    if method.name in (MethodName.full,):
+        return name
+    if method.name in (MethodName.sltrain, MethodName.sparse):
+        rank = f" r={method.rank}" if method.name == MethodName.sltrain else ""
+        return f"{name}{rank} delta={method.delta:g} ({method.support.value} support)"
+    return f"{name} r={method.rank}"

@@ -160,28 +160,27 @@ def _adam8bit_bytes(numel: int) -> int:
     return 2 * (numel + 4 * math.ceil(numel / BNB_BLOCK))
 
 
-def _activation_bytes(cfg: ModelConfig, tokens: int, act_bytes: int, vocab: int, checkpointing: bool,
-                      adapter_rank: int = 0) -> int:
-    """Bytes saved for backward at the start of backward, for ``tokens = batch x seq_len`` tokens.
+def _activation_parts(cfg: ModelConfig, tokens: int, act_bytes: int, vocab: int,
+                      adapter_rank: int = 0) -> tuple:
+    """(per block, per checkpointed block input, head) bytes saved for backward, for ``tokens`` tokens.
 
     Counted from core/model.py's autograd graph (a = activation bytes, d hidden, m intermediate, h heads):
     each RMSNorm keeps its fp32 input copy and inverse rms and the normalized a-byte tensor (4d + ad + 4);
-    attention keeps the norm output (ad, shared by q, k, v), rotated q, k and v (3ad), the SDPA output and
-    its fp32 log-sum-exp (ad + 4h) and the contiguous copy fed to o (ad); the SwiGLU MLP keeps the norm
-    output (ad), gate, silu(gate), up and their product (4am). Per block and token:
-    ``8d + 9ad + 8 + 4h + 4am`` bytes, plus ``7ra`` for the (tokens, r) intermediates of LowRankLinear /
-    ReLoRALinear (SparseLowRankLinear keeps only its input). No S x S matrix: SDPA runs a flash /
-    memory-efficient kernel (CUDA) or the CPU flash kernel.
+    attention keeps the norm output (ad, shared by q, k, v), rotated q, k and v (3ad), the SDPA output
+    (ad, also o's input) and its fp32 log-sum-exp (4h); the SwiGLU MLP keeps the norm output (ad), gate,
+    silu(gate), up and their product (4am). Per block and token: ``8d + 8ad + 8 + 4h + 4am`` bytes
+    (checked against autograd's saved tensors and the CPU allocator), plus ``7ra`` for the (tokens, r)
+    intermediates of LowRankLinear / ReLoRALinear (SparseLowRankLinear keeps only its input). No S x S
+    matrix: SDPA runs a flash / memory-efficient kernel (CUDA) or the CPU flash kernel.
     Head: final norm and its output (4d + 2ad + 4) and the fp32 cross-entropy at its peak in backward --
     log-softmax output, its gradient and the logits' gradient (12V). The bf16 logits held by a caller's
     output object (aV) are not counted.
     Activation checkpointing: each block keeps only its input (ad); one block's set is rebuilt at a time.
     """
-    d, m, L, a = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, act_bytes
-    block = tokens * (8 * d + 9 * a * d + 8 + 4 * cfg.num_heads + 4 * a * m + 7 * adapter_rank * a)
-    layers = L * tokens * a * d + block if checkpointing else L * block
+    d, m, a = cfg.hidden_size, cfg.intermediate_size, act_bytes
+    block = tokens * (8 * d + 8 * a * d + 8 + 4 * cfg.num_heads + 4 * a * m + 7 * adapter_rank * a)
     head = tokens * (4 * d + 2 * a * d + 4 + 12 * vocab)
-    return layers + head
+    return block, tokens * a * d, head
 
 
 def _step_temp_bytes(trainable, method: str, optimizer: str, layerwise: bool, device: str, rank: int,
@@ -192,7 +191,8 @@ def _step_temp_bytes(trainable, method: str, optimizer: str, layerwise: bool, de
     layer-wise updates each optimizer holds one parameter, so the largest one); on CPU the single-tensor
     path builds sqrt(v) and its quotient for one parameter at a time (2 x largest). GaLoreAdamW (per
     parameter): the denominator and direction (2 x state) plus, for a projected matrix, the back-projected
-    (out, in) update. bitsandbytes 8-bit: fused CUDA kernel (nothing); the CPU backend dequantizes both
+    (out, in) update; every update_proj_gap steps (step 0 included) the projector refresh takes an fp32
+    SVD of the largest target gradient: its fp32 copy, U, Vh and a matrix-sized solver workspace. bitsandbytes 8-bit: fused CUDA kernel (nothing); the CPU backend dequantizes both
     moments and upcasts the gradient and the parameter to fp32 and forms the fp32 denominator (~6 x 4 B
     x largest).
     """
@@ -202,7 +202,11 @@ def _step_temp_bytes(trainable, method: str, optimizer: str, layerwise: bool, de
     if method == "galore":
         def one(t):
             if t.galore_shape:
-                return a * (2 * rank * max(t.galore_shape) + t.numel) if optimizer == "adam" else a * t.numel
+                o, i = t.galore_shape
+                k = min(o, i)
+                svd = 4 * (2 * o * i + o * k + k * i)
+                update = a * (2 * rank * max(o, i) + o * i) if optimizer == "adam" else a * o * i
+                return max(svd, update)
             return 2 * a * t.numel if optimizer == "adam" or device == "cpu" else 0
         return max(one(t) for t in trainable)
     if optimizer == "adam8bit":
@@ -225,8 +229,10 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
     each parameter inside backward, so gradients are never all alive; we count the largest single
     trainable parameter's gradient. GaLore under adam8bit quantizes its projected moments the same way.
     ``device``: 'cuda' (the paper's setting) or 'cpu' -- which optimizer-step and SLTrain-layer
-    temporaries torch / bitsandbytes create there. ``full_total_gb`` is the peak over the phases of a
-    step (see the end of this function), not the sum of the parts.
+    temporaries torch / bitsandbytes create there. ``full_total_gb`` is parameters + optimizer state +
+    the largest of four phases of a step (``peak_phase``: loss, backward_start, backward_end,
+    optimizer_step), not the sum of the parts; ``activation_mem_gb`` is the most activation memory alive
+    at once.
     """
     method = getattr(method, "value", method)
     index_dtype = getattr(index_dtype, "value", index_dtype)
@@ -293,9 +299,6 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
             full_opt_b += _adam8bit_bytes(state_numel)
             n_8bit += state_numel >= BNB_MIN_8BIT_SIZE
     full_opt_b += BNB_QMAP_BYTES * (n_8bit if layerwise else min(n_8bit, 1))
-    adapter_rank = rank if method in ("lowrank", "relora") else 0
-    act_b = _activation_bytes(model_cfg, batch_size * seq_len, param_bytes, vocab, activation_checkpointing,
-                              adapter_rank)
     # SLTrain / sparse layers build the dense (out, in) W for one matmul in forward, and W then the weight
     # gradient G^T x in backward, one layer at a time. On CPU in bf16 the rank-r product is done in fp32
     # and cast down (6 B per entry alive).
@@ -303,14 +306,32 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
     per_entry = 6 if (device == "cpu" and param_bytes == 2) else param_bytes
     work_b = biggest * per_entry if method in ("sltrain", "sparse") else 0
     temp_b = _step_temp_bytes(trainable, method, optimizer, layerwise, device, rank, param_bytes)
-    # The peak: parameters and optimizer state always; then either the start of backward (all activations,
-    # no gradient yet: the loop zeroes them to None) or the optimizer step (all gradients + its
-    # temporaries). Under layer-wise updates a gradient is stepped and freed while activations are alive.
-    base = full_param_b + full_opt_b
-    if layerwise:
-        peak_b = base + act_b + work_b + full_grad_b + temp_b
+
+    # The peak over the phases of one step. Always alive: parameters and optimizer state. The loop sets
+    # gradients to None after each step, so backward starts with none; walking back through the blocks,
+    # saved activations are freed while gradients pile up, so the largest sum is at one end of that walk.
+    # Under layer-wise updates a gradient lives only until its hook has stepped it.
+    L = model_cfg.num_layers
+    block, ck_in, head = _activation_parts(model_cfg, batch_size * seq_len, param_bytes, vocab,
+                                           rank if method in ("lowrank", "relora") else 0)
+    saved = L * ck_in if activation_checkpointing else L * block  # saved by the blocks at the loss
+    rebuilt = block if activation_checkpointing else 0  # one block recomputed in backward
+    g = {k: param_bytes * sum(t.numel for t in trainable if t.name.split(".")[0] == k)
+         for k in ("embed", "layers", "norm", "lm_head")}
+    g_head, g_block = g["norm"] + g["lm_head"], g["layers"] // max(L, 1)
+    if layerwise:  # one gradient and its optimizer's temporaries at a time
+        g_last = g_first = g_step = full_grad_b + temp_b
     else:
-        peak_b = base + max(act_b + work_b, full_grad_b + temp_b)
+        g_last, g_first, g_step = g_head, g_head + (L - 1) * g_block, full_grad_b + temp_b
+    phases = {
+        "loss": saved + head,  # cross-entropy backward, no gradient yet
+        "backward_start": saved + rebuilt + work_b + g_last,  # last block's backward
+        "backward_end": (ck_in + block if activation_checkpointing else block) + work_b + g_first,
+        "optimizer_step": g_step,  # all gradients + step temporaries (layer-wise: the embedding's)
+    }
+    peak_phase = max(phases, key=phases.get)
+    peak_b = full_param_b + full_opt_b + phases[peak_phase]
+    act_b = max(saved + head, saved + rebuilt)
 
     return {
         "method": method, "size": size, "rank": None if method == "full" else rank,
@@ -325,7 +346,7 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
         "full_param_mem_gb": full_param_b / GB, "full_grad_mem_gb": full_grad_b / GB,
         "full_optimizer_mem_gb": full_opt_b / GB, "full_optimizer_bytes": full_opt_b,
         "activation_mem_gb": act_b / GB, "workspace_mem_gb": work_b / GB, "step_temp_mem_gb": temp_b / GB,
-        "full_total_gb": peak_b / GB, "device": device,
+        "full_total_gb": peak_b / GB, "peak_phase": peak_phase, "device": device,
     }
 
 

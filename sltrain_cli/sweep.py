@@ -167,7 +167,7 @@ def completed_summary(trial: Trial, root: Path) -> Optional[dict]:
         saved = (run_dir / "overrides.txt").read_text().split("\n")
     except (OSError, ValueError):
         return None
-    if summary.get("status") != "completed" or [s for s in saved if s] != trial.argv(root):
+    if summary.get("status") != "completed" or sorted(s for s in saved if s) != sorted(trial.argv(root)):
         return None
     return summary
 
@@ -217,8 +217,12 @@ def run_trials(trials: Sequence[Trial], root: Path, console: Optional[Console] =
             results.append(TrialResult(trial, "completed", done, skipped=True))
             console.print(f"{head} ... skipped (completed earlier, ppl {_ppl(done)})", highlight=False)
             continue
-        console.print(f"{head} ...", highlight=False)
-        result = run_trial(trial, root)
+        if console.is_terminal:  # a spinner while it runs; in a log, a start line
+            with console.status(f"{head} ..."):
+                result = run_trial(trial, root)
+        else:
+            console.print(f"{head} ...", highlight=False)
+            result = run_trial(trial, root)
         results.append(result)
         if result.status == "completed":
             console.print(f"{head} ... completed ppl {_ppl(result.summary)} ({result.seconds:.0f} s)",
@@ -244,6 +248,13 @@ def result_row(result: TrialResult, swept_keys: Sequence[str] = ()) -> dict:
                 "peak_mem_gb": round(peak / 1e9, 4) if peak else None, "est_mem_gb": s.get("est_mem_gb"),
                 "status": result.status, "error": result.error})
     return row
+
+
+def frame(rows: Sequence[dict]):
+    """A table with object columns: integers stay integers (no 1234.0) next to the None of a failed trial."""
+    import pandas as pd
+
+    return pd.DataFrame(list(rows), dtype=object)
 
 
 def plot_sweep(rows: Sequence[dict], folder: Path) -> List[Path]:
@@ -290,10 +301,10 @@ def run_sweep(overrides: Sequence[str], dry_run: bool = False, name: Optional[st
                        if (s := completed_summary(t, folder)) is not None]
         rows = [result_row(r, swept_keys) for r in results]
         if rows:
-            write_table(rows, folder / "results", columns=["trial", *swept_keys, *RESULT_COLUMNS])
+            write_table(frame(rows), folder / "results", columns=["trial", *swept_keys, *RESULT_COLUMNS])
             plot_sweep(rows, folder)
     show = ["trial", *swept_keys, *RESULT_COLUMNS[:-1]]
-    print_table(rows, title=f"sweep {folder}", columns=show, console=console)
+    print_table(frame(rows), title=f"sweep {folder}", columns=show, console=console)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "failed", "interrupted")}
     skipped = sum(r.skipped for r in results)
     console.print(f"{counts['completed']} completed ({skipped} skipped as already done), {counts['failed']} failed"

@@ -14,7 +14,7 @@ from sltrain_cli.train import train
 
 from conftest import tiny_overrides
 
-SMALL = ("rank=8", "delta=0.1", "steps=2")
+SMALL = ("rank=8", "delta=0.1", "steps=2", "train.num_threads=1")  # 1 thread: 2 shared cores
 
 
 def _console():
@@ -34,7 +34,7 @@ def _pretrain(out_dir, *extra):
 def runs(tmp_path_factory, cache_dir):
     """A trained full-rank run and an SLTrain run (in this process: a few seconds each)."""
     out = tmp_path_factory.mktemp("ablate-runs")
-    return _pretrain(out, "method=full", "steps=6"), _pretrain(out, *SMALL)
+    return _pretrain(out, "method=full", "steps=6", "train.num_threads=1"), _pretrain(out, *SMALL)
 
 
 def test_arguments(tmp_path):
@@ -90,6 +90,7 @@ def test_pruning_study(runs, tmp_path):
         run_study(["study=pruning", f"from={runs[1]}", f"out_dir={tmp_path}"], console=console)
 
 
+@pytest.mark.slow  # five trial processes (warm-up + four supports): about a minute on 2 busy cores
 def test_strategy_study(tmp_path, cache_dir):
     console, buf = _console()
     rows = run_study(tiny_overrides(tmp_path, "study=strategy", "warmup=2", *SMALL), console=console)
@@ -104,7 +105,8 @@ def test_strategy_study(tmp_path, cache_dir):
 def test_spectrum_study(runs, tmp_path):
     full, slt = runs
     console, _ = _console()
-    rows = run_study(["study=spectrum", f"runs={full},{slt}", f"out_dir={tmp_path}"], console=console)
+    rows = run_study(["study=spectrum", f"runs={full},{slt}", f"out_dir={tmp_path}", "train.num_threads=1"],
+                     console=console)
     folder = next((tmp_path / "ablate").glob("spectrum-*"))
     assert [r["method"] for r in rows] == ["full", "sltrain"]
     assert all(0 < r["energy_top_r"] <= 1 and r["r"] == 8 and 1 <= r["eff_rank"] <= r["min_side"] for r in rows)

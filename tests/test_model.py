@@ -9,6 +9,16 @@ from sltrain_cli.configs import MethodConfig, ModelConfig
 from sltrain_cli.core.convert import apply_method
 from sltrain_cli.core.model import LlamaForCausalLM
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls gain nothing from threads, and on a loaded machine each OpenMP barrier can wait ~30 ms."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 PAPER_DIMS = {  # PAPER.md: hidden, intermediate, layers, heads
     "llama_9m": (128, 352, 4, 4), "llama_20m": (256, 688, 4, 4), "llama_35m": (384, 1024, 6, 8),

@@ -60,7 +60,7 @@ def test_dry_run_lists_trials(tmp_path, cache_dir):
 
 
 def test_sweep_runs_skips_and_records_failures(tmp_path, cache_dir):
-    grid = ["rank=4,8", "delta=0.05,0.1", "steps=2"]
+    grid = ["rank=4,8", "delta=0.05,0.1", "steps=2", "train.num_threads=1"]  # 1 thread: 2 shared cores
     console, buf = _console()
     rows = run_sweep(tiny_overrides(tmp_path, *grid), name="grid", console=console)
     folder = tmp_path / "sweep" / "grid"
@@ -87,7 +87,7 @@ def test_sweep_runs_skips_and_records_failures(tmp_path, cache_dir):
 
     # extend the grid with an impossible rank: the old trials are skipped, the new ones fail and are recorded
     console, buf = _console()
-    rows = run_sweep(tiny_overrides(tmp_path, "rank=4,100000", "delta=0.05,0.1", "steps=2"), name="grid",
+    rows = run_sweep(tiny_overrides(tmp_path, "rank=4,100000", *grid[1:]), name="grid",
                      console=console)
     status = {r["trial"]: r["status"] for r in rows}
     assert status == {"rank=4,delta=0.05": "completed", "rank=4,delta=0.1": "completed",

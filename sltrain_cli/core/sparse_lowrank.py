@@ -161,7 +161,7 @@ class _SparseLowRankFn(torch.autograd.Function):
             W = _build_weight(A, B, values, indices, scale, (out_features, in_features), x.dtype, x.device)
             y = F.linear(x, W, None if bias is None else bias.to(x.dtype))
         ctx.save_for_backward(x, A, B, values, indices)
-        ctx.scale, ctx.shape, ctx.has_bias = scale, (out_features, in_features), bias is not None
+        ctx.scale, ctx.shape = scale, (out_features, in_features)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
@@ -172,27 +172,26 @@ class _SparseLowRankFn(torch.autograd.Function):
         need_bias = ctx.needs_input_grad[5]
         out_f, in_f = ctx.shape
         dtype, device = x.dtype, x.device
+        work = _work_dtype(dtype, device)
         G = grad_out.reshape(-1, out_f).to(dtype)
         dx = dA = dB = dv = dbias = None
         with torch.autocast(device.type, enabled=False):
             if need_x:
-                W = _build_weight(A, B, values, indices, ctx.scale, ctx.shape, torch.float32
-                                  if _work_dtype(dtype, device) != dtype else dtype, device)
-                if W.dtype != dtype:
-                    # CPU low precision: store W transposed so that G @ W runs as the fast "NT" bf16 GEMM; the
-                    # transpose is folded into the down-cast copy
+                W = _build_weight(A, B, values, indices, ctx.scale, ctx.shape, work, device)  # rebuilt, not saved
+                if work != dtype:
+                    # CPU low precision: hold W transposed in memory so that G @ W runs as the fast "NT" bf16 GEMM
+                    # (the "NN" fallback is many times slower on CPUs without native bf16); the transpose is folded
+                    # into the down-cast copy
                     Wt = torch.empty((in_f, out_f), dtype=dtype, device=device)
                     Wt.copy_(W.t())
-                    del W
                     W = Wt.t()
                 dx = torch.mm(G, W).view(x.shape)
                 del W
             if need_A or need_B or need_v:
-                Gw = torch.mm(G.t(), x.reshape(-1, in_f))  # (out, in), transient
+                Gw = torch.mm(G.t(), x.reshape(-1, in_f))  # (out, in): the transient dense weight gradient
                 if need_v:
                     dv = Gw.view(-1).index_select(0, indices).to(values.dtype)
                 if need_A or need_B:
-                    work = _work_dtype(dtype, device)
                     Gw = Gw.to(work)
                     if need_A:
                         dA = torch.mm((B.to(work) * ctx.scale).t(), Gw).to(A.dtype)
@@ -322,7 +321,8 @@ class SparseLowRankLinear(nn.Module):
             grad = self.values.requires_grad if self.values is not None else True
             self._parameters["values"] = nn.Parameter(new, requires_grad=grad)
             self._buffers["indices"] = idx.to(device=device, dtype=self.index_dtype)
-        self.delta = idx.numel() / n
+        if idx.numel() != _nnz(self.out_features, self.in_features, self.delta):
+            self.delta = idx.numel() / n  # the density actually held (extra_repr)
         self._support_from_seed = False
 
     def dense_weight(self) -> torch.Tensor:
