@@ -16,5 +16,5 @@ def cache_dir(tmp_path_factory) -> Path:
 
 def tiny_overrides(out_dir, *extra):
     """A run that takes a few seconds on CPU: tiny model, 8 steps, small vocab, few documents."""
-    return ["model=tiny", "train=tiny", "tokenizer.vocab_size=512", "data.max_docs=24", "data.seq_len=64",
+    return ["model=tiny", "train=tiny", "tokenizer.vocab_size=512", "data.max_docs=24", "data.seq_len=64", "train.num_threads=1",
             f"out_dir={out_dir}", *extra]
