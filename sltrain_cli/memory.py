@@ -162,7 +162,7 @@ def _adam8bit_bytes(numel: int) -> int:
 
 def _activation_parts(cfg: ModelConfig, tokens: int, act_bytes: int, vocab: int,
                       adapter_rank: int = 0) -> tuple:
-    """(per block, per checkpointed block input, head) bytes saved for backward, for ``tokens`` tokens.
+    """(per block, per checkpointed block input, head, backward temporaries) bytes, for ``tokens`` tokens.
 
     Counted from core/model.py's autograd graph (a = activation bytes, d hidden, m intermediate, h heads):
     each RMSNorm keeps its fp32 input copy and inverse rms and the normalized a-byte tensor (4d + ad + 4);
@@ -176,11 +176,14 @@ def _activation_parts(cfg: ModelConfig, tokens: int, act_bytes: int, vocab: int,
     log-softmax output, its gradient and the logits' gradient (12V). The bf16 logits held by a caller's
     output object (aV) are not counted.
     Activation checkpointing: each block keeps only its input (ad); one block's set is rebuilt at a time.
+    Backward through a block also holds gradient temporaries: about two (tokens, m) and two (tokens, d)
+    a-byte tensors at once (the SwiGLU product's two input gradients, the residual and norm gradients),
+    returned as the fourth part.
     """
     d, m, a = cfg.hidden_size, cfg.intermediate_size, act_bytes
     block = tokens * (8 * d + 8 * a * d + 8 + 4 * cfg.num_heads + 4 * a * m + 7 * adapter_rank * a)
     head = tokens * (4 * d + 2 * a * d + 4 + 12 * vocab)
-    return block, tokens * a * d, head
+    return block, tokens * a * d, head, tokens * (2 * a * m + 2 * a * d)
 
 
 def _step_temp_bytes(trainable, method: str, optimizer: str, layerwise: bool, device: str, rank: int,
@@ -312,7 +315,7 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
     # saved activations are freed while gradients pile up, so the largest sum is at one end of that walk.
     # Under layer-wise updates a gradient lives only until its hook has stepped it.
     L = model_cfg.num_layers
-    block, ck_in, head = _activation_parts(model_cfg, batch_size * seq_len, param_bytes, vocab,
+    block, ck_in, head, bwd_tmp = _activation_parts(model_cfg, batch_size * seq_len, param_bytes, vocab,
                                            rank if method in ("lowrank", "relora") else 0)
     saved = L * ck_in if activation_checkpointing else L * block  # saved by the blocks at the loss
     rebuilt = block if activation_checkpointing else 0  # one block recomputed in backward
@@ -325,8 +328,8 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
         g_last, g_first, g_step = g_head, g_head + (L - 1) * g_block, full_grad_b + temp_b
     phases = {
         "loss": saved + head,  # cross-entropy backward, no gradient yet
-        "backward_start": saved + rebuilt + work_b + g_last,  # last block's backward
-        "backward_end": (ck_in + block if activation_checkpointing else block) + work_b + g_first,
+        "backward_start": saved + rebuilt + bwd_tmp + work_b + g_last,  # last block's backward
+        "backward_end": (ck_in + block if activation_checkpointing else block) + bwd_tmp + work_b + g_first,
         "optimizer_step": g_step,  # all gradients + step temporaries (layer-wise: the embedding's)
     }
     peak_phase = max(phases, key=phases.get)

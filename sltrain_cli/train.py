@@ -32,7 +32,7 @@ from .configs import MethodName, ModelConfig, Parallel, Precision, RunConfig, Us
 from .core import relora
 from .core.convert import apply_method, count_parameters
 from .core.model import LlamaForCausalLM
-from .core.optim import LayerwiseOptimizer, build_optimizer, build_scheduler
+from .core.optim import LayerwiseOptimizer, build_optimizer, build_scheduler, optimizer_state_bytes
 from .evaluate import evaluate_ppl
 from . import distributed
 
@@ -241,6 +241,7 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
                         "val_tokens": val["tokens"] if val else None,
                         "tokens_per_s": tokens_seen / train_time if train_time else None,
                         "train_time_s": train_time, "peak_mem_bytes": peak, "peak_mem_kind": peak_kind,
+                        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
                         "status": status})
         if rt.is_main:
             write_json(run_dir / "summary.json", summary)

@@ -16,7 +16,7 @@ from sltrain_cli.compose import load_config
 
 def _run(out, nproc, *extra, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [*tiny_overrides(out, "train.num_threads=1", "train.total_batch_size=4", "train.micro_batch_size=2"),
+    args = [*tiny_overrides(out, "train.total_batch_size=4", "train.micro_batch_size=2"),
             *extra]
     if nproc == 1:
         cmd = [sys.executable, "-m", "sltrain_cli", "pretrain", "--quiet", *args]
