@@ -70,7 +70,7 @@ def pretrain(overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDE
     Several processes: torchrun --nproc_per_node=N -m sltrain_cli pretrain ...
     """
     from .compose import load_config, to_yaml
-    from .results import SUMMARY_COLUMNS, print_table, upsert_row
+    from .results import print_record, upsert_row
     from .train import summary_row, train
 
     overrides = list(overrides or [])
@@ -84,7 +84,7 @@ def pretrain(overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDE
         return
     row = summary_row(summary)
     upsert_row(run_dir.parent / "results.csv", row)
-    print_table([row], title=f"pretrain {run_dir}", columns=SUMMARY_COLUMNS)
+    print_record(row, title=f"pretrain -> {run_dir}")
     if summary.get("val_ppl") is not None:
         typer.echo(f"validation perplexity {summary['val_ppl']:.2f} on {summary['val_tokens']:,} tokens "
                    f"(unigram baseline of this corpus: {summary['unigram_ppl']:.2f})")

@@ -15,11 +15,6 @@ from rich.table import Table
 
 from .checkpoint import atomic_write
 
-# Columns shown when a pretrain summary is printed as a row (full summaries stay in summary.json).
-SUMMARY_COLUMNS = ["run", "model", "method", "rank", "delta", "params_total", "params_trainable", "tokens",
-                   "val_ppl", "tokens_per_s", "peak_mem_bytes", "est_mem_gb", "status"]
-
-
 def _fmt(value) -> str:
     if isinstance(value, float):
         if math.isnan(value):
@@ -64,6 +59,16 @@ def print_table(rows: Iterable[Mapping] | pd.DataFrame, title: str = "",
         table.add_column(str(col), overflow="fold")
     for row in df.itertuples(index=False):
         table.add_row(*(_fmt(v) for v in row))
+    (console or Console()).print(table)
+
+
+def print_record(record: Mapping, title: str = "", console: Optional[Console] = None) -> None:
+    """One result as a two-column (field, value) table: readable in any terminal width."""
+    table = Table(title=title or None, show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key, value in record.items():
+        table.add_row(str(key), _fmt(value))
     (console or Console()).print(table)
 
 
