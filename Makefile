@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup run test test-all bench clean
+.PHONY: setup run test test-fast bench clean
 
 $(BIN)/sltrain: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -19,10 +19,10 @@ run: setup
 	$(BIN)/sltrain pretrain
 
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow and not gpu"
-
-test-all: setup
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/bench_layer.py

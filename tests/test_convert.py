@@ -125,7 +125,6 @@ def test_top_support_from_the_replaced_weight():
 
 
 def test_relora_copies_the_dense_weight():
-    pytest.importorskip("sltrain_cli.core.relora")
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny())
     ids = torch.randint(0, 97, (2, 8))
