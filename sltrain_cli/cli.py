@@ -173,7 +173,8 @@ def memory_estimate(size: str = typer.Option("60m", "--size", help="60m|130m|350
             raise UserError(f"--{key}: must be one of {', '.join(allowed[key])}, got {value!r}")
     rows = memory_rows(size, method, rank=rank, delta=delta, optimizer=optimizer, layerwise=layerwise,
                        index_dtype=index_dtype, batch_size=batch_size, seq_len=seq_len,
-                       activation_checkpointing=activation_checkpointing, measure=measure, device=device)
+                       activation_checkpointing=activation_checkpointing, measure=measure,
+                       device=None if device == "auto" else device)
     df = to_frame(rows)
     if out is not None:
         text = {".csv": lambda: df.to_csv(index=False), ".json": lambda: json.dumps(rows, indent=2) + "\n"}.get(
@@ -186,11 +187,22 @@ def memory_estimate(size: str = typer.Option("60m", "--size", help="60m|130m|350
     elif fmt == Fmt.md:
         typer.echo(markdown(df))
     else:
-        short = ["method", "size", "rank", "delta", "params_total", "params_trainable", "param_mem_gb",
-                 "optimizer_mem_gb", "total_mem_gb", "full_grad_mem_gb", "activation_mem_gb", "full_total_gb",
-                 "measured_gb", "ratio"]
-        print_table(df, title=f"memory estimate, LLaMA {size} (paper convention: bf16 params + Adam; "
-                              "full_*: ours)", columns=short)
+        print_table([_memory_display(r) for r in rows],
+                    title=f"LLaMA {size}: paper convention (bf16 params + Adam moments, int64 indices) | "
+                          f"ours: + gradients, {optimizer}{', layer-wise' if layerwise else ''}, activations "
+                          f"(batch {batch_size} x {seq_len})")
+
+
+def _memory_display(row: dict) -> dict:
+    """A narrow view of one memory_rows() row for the terminal (all fields stay in csv/json/md)."""
+    out = {"method": row["method"], "rank": row.get("rank"), "delta": row.get("delta"),
+           "params M": round(row["params_total"] / 1e6, 2), "trainable M": round(row["params_trainable"] / 1e6, 2),
+           "param GB": row["param_mem_gb"], "optim GB": row["optimizer_mem_gb"], "paper GB": row["total_mem_gb"],
+           "grads GB": row.get("full_grad_mem_gb"), "activ GB": row.get("activation_mem_gb"),
+           "ours GB": row.get("full_total_gb")}
+    if "measured_gb" in row:
+        out.update({"measured GB": row["measured_gb"], "measured/ours": row.get("ratio")})
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
 
 
 def main() -> None:

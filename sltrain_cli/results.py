@@ -19,6 +19,9 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "-"
+        if value.is_integer() and abs(value) < 1e15:
+            value = int(value)
+            return f"{value:,}" if abs(value) >= 10000 else str(value)
         if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
             return f"{value:.3e}"
         return f"{value:.4g}" if abs(value) < 100 else f"{value:,.1f}"
@@ -51,6 +54,12 @@ def markdown(df: pd.DataFrame) -> str:
     return "\n".join([head, sep, *body])
 
 
+def _console() -> Console:
+    """Rich falls back to 80 columns when output is not a terminal; tables are wider than that."""
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
 def print_table(rows: Iterable[Mapping] | pd.DataFrame, title: str = "",
                 columns: Optional[Sequence[str]] = None, console: Optional[Console] = None) -> None:
     df = to_frame(rows, columns)
@@ -59,7 +68,7 @@ def print_table(rows: Iterable[Mapping] | pd.DataFrame, title: str = "",
         table.add_column(str(col), overflow="fold")
     for row in df.itertuples(index=False):
         table.add_row(*(_fmt(v) for v in row))
-    (console or Console()).print(table)
+    (console or _console()).print(table)
 
 
 def print_record(record: Mapping, title: str = "", console: Optional[Console] = None) -> None:
@@ -69,7 +78,7 @@ def print_record(record: Mapping, title: str = "", console: Optional[Console] = 
     table.add_column("value")
     for key, value in record.items():
         table.add_row(str(key), _fmt(value))
-    (console or Console()).print(table)
+    (console or _console()).print(table)
 
 
 def upsert_row(csv_path: Path | str, row: Mapping, key: str = "run") -> pd.DataFrame:
