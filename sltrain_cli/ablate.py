@@ -12,13 +12,9 @@ ordinary pretrain overrides. Trained variants (seeds, strategy) are ordinary pre
 
 - seeds: one config, ``method.support_seed = 0..n-1`` (default n=5); every loss curve on one plot; final
   perplexity per seed with mean and standard deviation.
-- pruning: for every target weight W0 of a trained full-rank run, L0 = its best rank-r approximation (SVD,
-  r = method.rank) and R = W0 - L0. Pruned: L0 + R kept on the top-delta |R| entries, or on a random delta
-  support, materialized into a copy of the model and evaluated on the run's validation rows. Trained: each
-  target becomes a SparseLowRankLinear with B, A fixed to the SVD factors (requires_grad False), its values
-  started at R on the support (the pruned point) and only those values trained for train.steps with the core
-  optimizer and schedule on the run's training stream (a short loop here: train() has no hook to freeze the
-  low-rank part). Reported: perplexity and ||W0 - W||_F / ||W0||_F averaged over the target weights.
+- pruning (ablate_pruning.py, with the helpers that load a trained run and split its weights): each target
+  weight of a trained full-rank run is W0 = L0 (its best rank r) + R; L0 plus R on the top or a random delta
+  support, pruned and with only those values trained; perplexity and relative weight error.
 - strategy: SLTrain with support=random against row_balanced, block and top, all with the same steps. top:
   a full-rank warm-up of ``warmup`` steps (default train.steps // 4, at least 1) is trained first; the top
   support of each target weight is the top-delta entries of |W - SVD_r(W)| of its warm-up weight (the
@@ -33,9 +29,7 @@ ordinary pretrain overrides. Trained variants (seeds, strategy) are ordinary pre
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import io
 import json
 import math
 from pathlib import Path
@@ -44,25 +38,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from rich.console import Console
 
-from . import data as data_lib
-from .checkpoint import (atomic_write, latest_checkpoint, load_checkpoint, load_model_weights, resolve_checkpoint,
-                         run_dir_of)
-from .compose import from_container, load_config, run_name
+from .ablate_pruning import dense_of, load_run, study_pruning, svd_split, target_modules
+from .checkpoint import atomic_torch_save, latest_checkpoint, load_model_weights
+from .compose import load_config, run_name
 from .configs import ConfigError, MethodName, UserError
 from .core.model import LlamaForCausalLM
-from .core.optim import build_optimizer, build_scheduler
-from .core.sparse_lowrank import SparseLowRankLinear, sample_support
-from .distributed import resolve_device
-from .evaluate import evaluate_ppl
 from .results import plot_lines, print_table, write_table
 from .sweep import Trial, drop_keys, find_override, frame, out_root, quote, run_trials, validate_trials
-from .train import autocast_for, build_model
+from .tokenizer import load_tokenizer
 
 STUDIES = ("seeds", "pruning", "strategy", "spectrum")
 OWN_KEYS = {"seeds": ("n",), "pruning": ("from",), "strategy": ("warmup",), "spectrum": ("runs", "layer")}
 ALL_OWN = ("study", "n", "from", "runs", "warmup", "layer")
 SUPPORTS = ("random", "row_balanced", "block", "top")
-RUN_KEYS = ("out_dir", "run_name", "timestamp", "train.resume", "method.warm_start")
 
 
 # ----------------------------------------------------------------------------------------- arguments
@@ -203,211 +191,6 @@ def _std(xs: List[float]) -> Optional[float]:
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
 
 
-# ----------------------------------------------------------------------------------------- loading runs
-@dataclasses.dataclass
-class LoadedRun:
-    run_dir: Path
-    checkpoint: Path
-    cfg: object  # the run's RunConfig
-    tokenizer: object
-    model: torch.nn.Module  # fp32, on CPU, the run's method applied, weights loaded
-
-
-def load_run(path: Path | str, key: str = "from") -> LoadedRun:
-    try:
-        ckpt = resolve_checkpoint(path)
-    except FileNotFoundError as err:
-        raise ConfigError(key, str(err)) from None
-    run_dir = run_dir_of(ckpt)
-    cfg = from_container(load_checkpoint(ckpt / "extra.pt" if ckpt.is_dir() else ckpt)["config"])
-    tokenizer = data_lib.load_tokenizer(run_dir / "tokenizer")
-    model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
-    model = build_model(model_cfg, dataclasses.replace(cfg.method, warm_start=None), cfg.seed, torch.device("cpu"))
-    load_model_weights(ckpt, model)
-    model.eval()
-    return LoadedRun(run_dir, ckpt, cfg, tokenizer, model)
-
-
-def target_modules(model: torch.nn.Module, names: Sequence[str], layer: Optional[int] = None):
-    """[(qualified name, module)] of the target linear layers (attribute name in ``names``), in model order."""
-    out = []
-    for qual, module in model.named_modules():
-        if qual.rsplit(".", 1)[-1] not in names:
-            continue
-        if not (hasattr(module, "dense_weight") or isinstance(getattr(module, "weight", None), torch.Tensor)):
-            continue
-        if layer is not None and f"layers.{layer}." not in f"{qual}.":
-            continue
-        out.append((qual, module))
-    return out
-
-
-@torch.no_grad()
-def dense_of(module: torch.nn.Module) -> torch.Tensor:
-    w = module.dense_weight() if hasattr(module, "dense_weight") else module.weight
-    return w.detach().float().cpu()
-
-
-def svd_split(w: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U_r sqrt(S_r), sqrt(S_r) Vh_r, residual W - L0) with L0 = the best rank-r approximation of W."""
-    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-    r = min(rank, s.numel())
-    root = s[:r].sqrt()
-    left, right = u[:, :r] * root, root[:, None] * vh[:r]
-    return left.float(), right.float(), (w.double() - left @ right).float()
-
-
-# ----------------------------------------------------------------------------------------- pruning
-def _pruning_config(run: LoadedRun, rest: Sequence[str]):
-    """The run's own overrides (data, model, train settings) with the user's on top."""
-    saved_path = run.run_dir / "overrides.txt"
-    saved = [s for s in saved_path.read_text().splitlines() if s.strip()] if saved_path.is_file() else []
-    user_keys = [o.split("=", 1)[0].strip().lstrip("+~") for o in rest if "=" in o]
-    saved = drop_keys(saved, [*RUN_KEYS, *user_keys])
-    return load_config([*saved, *rest])
-
-
-@dataclasses.dataclass
-class _Target:
-    """One target weight of the pruning study: W0 = left @ right (= L0) + residual."""
-
-    w0: torch.Tensor
-    left: torch.Tensor  # U_r sqrt(S_r)
-    right: torch.Tensor  # sqrt(S_r) Vh_r
-    residual: torch.Tensor
-    supports: Dict[str, torch.Tensor]  # "top" / "random" -> flat positions
-
-    def pruned(self, kind: Optional[str]) -> torch.Tensor:
-        """L0, plus the residual on the ``kind`` support."""
-        w = self.left @ self.right
-        if kind is not None:
-            idx = self.supports[kind]
-            w.view(-1)[idx] += self.residual.reshape(-1)[idx]
-        return w
-
-
-def study_pruning(own, rest, folder: Path, console: Console) -> List[dict]:
-    run = load_run(own["from"][-1])
-    if run.cfg.method.name != MethodName.full:
-        raise ConfigError("from", f"study=pruning needs a full-rank run (method=full); {run.run_dir} is "
-                                  f"method={run.cfg.method.name.value}")
-    cfg = _pruning_config(run, rest)
-    rank, delta = cfg.method.rank, cfg.method.delta
-    if rank < 1 or delta <= 0:
-        raise ConfigError("method.rank", f"study=pruning needs rank >= 1 and delta > 0, got rank={rank}, delta={delta}")
-    gen = torch.Generator().manual_seed(cfg.method.support_seed)
-    targets = {}
-    for qual, module in target_modules(run.model, cfg.method.target_modules):
-        w0 = dense_of(module)
-        left, right, res = svd_split(w0, rank)
-        supports = {"top": sample_support(*w0.shape, delta, "top", reference=res),
-                    "random": sample_support(*w0.shape, delta, "random", gen)}
-        targets[qual] = _Target(w0, left, right, res, supports)
-    if any(rank >= min(t.w0.shape) for t in targets.values()):
-        console.print(f"[yellow]warning:[/yellow] rank={rank} >= a target's smaller side: L0 is exact there",
-                      highlight=False)
-
-    device = resolve_device(cfg.train.device)
-    autocast = autocast_for(cfg.train.precision, device)
-    _, val_set = data_lib.build_datasets(run.cfg.data, run.tokenizer, rows_per_step=cfg.train.total_batch_size)
-    val_batches = val_set.batches(cfg.train.eval_tokens, cfg.train.micro_batch_size)
-
-    def evaluate(model: torch.nn.Module, label: str) -> dict:
-        model.to(device)
-        val = evaluate_ppl(model, val_batches, device, autocast)
-        model.to("cpu")
-        errors = [float(torch.linalg.norm(t.w0 - dense_of(model.get_submodule(q))) / torch.linalg.norm(t.w0))
-                  for q, t in targets.items()]
-        return {"weights": label, "val_ppl": val["ppl"], "val_loss": val["loss"],
-                "rel_error": sum(errors) / len(errors)}
-
-    rows = []
-    for label, kind in (("Full-rank", "full"), ("L0 (low-rank)", None), (f"L0 + top-{delta:g} pruned", "top"),
-                        (f"L0 + random-{delta:g} pruned", "random")):
-        console.print(f"pruning: evaluating {label}", highlight=False)
-        model = copy.deepcopy(run.model)
-        with torch.no_grad():
-            for qual, t in targets.items():
-                model.get_submodule(qual).weight.copy_(t.w0 if kind == "full" else t.pruned(kind))
-        rows.append(evaluate(model, label))
-
-    curves = {}
-    for kind in ("top", "random"):
-        label = f"L0 + {kind}-{delta:g} trained"
-        console.print(f"pruning: training the sparse values on the {kind} support ({cfg.train.steps} steps)",
-                      highlight=False)
-        model = _fixed_lowrank_model(run.model, targets, kind, delta, cfg.method.alpha)
-        curves[label] = _train_values(model, cfg, run, device, autocast)
-        rows.append(evaluate(model, label))
-
-    plot_lines(curves, folder / "trained_loss.png", xlabel="step", ylabel="training loss", marker=".",
-               title=f"L0 fixed (rank {rank}), sparse values trained")
-    res_abs = torch.cat([t.residual.abs().flatten() for t in targets.values()]).sort().values
-    pick = torch.linspace(0, res_abs.numel() - 1, min(2000, res_abs.numel())).long()
-    plot_lines({f"|W0 - L0| entries (rank {rank})": (res_abs[pick].tolist(),
-                                                      ((pick + 1).double() / res_abs.numel()).tolist())},
-               folder / "residual_cdf.png", xlabel="|residual entry|", ylabel="fraction of entries <= x",
-               title="residual after removing the top-r subspace (cf. Fig. 2)")
-    _write(rows, folder, f"Table 1: rank {rank}, delta {delta:g}, {run.run_dir.name}", console)
-    q97 = float(res_abs[int(0.97 * (res_abs.numel() - 1))])
-    console.print(f"97% of the residual entries |W0 - L0| are below {q97:.4f} "
-                  f"(max {float(res_abs[-1]):.4f})", highlight=False)
-    return rows
-
-
-def _fixed_lowrank_model(base: torch.nn.Module, targets: Dict[str, _Target], kind: str, delta: float,
-                         alpha: float) -> torch.nn.Module:
-    """A copy of ``base`` whose targets are SparseLowRankLinear with (alpha/r) B A = L0 frozen and the values on
-    the ``kind`` support started at the residual there; only those values are trainable."""
-    model = copy.deepcopy(base)
-    for qual, t in targets.items():
-        out_f, in_f = t.w0.shape
-        r = t.left.shape[1]
-        layer = SparseLowRankLinear(in_f, out_f, rank=r, delta=delta, alpha=alpha, bias=False, support_seed=0)
-        scale = math.sqrt(alpha / r)  # dense_weight() = (alpha / r) B A + S
-        idx = t.supports[kind]
-        with torch.no_grad():
-            layer.B.copy_(t.left / scale)
-            layer.A.copy_(t.right / scale)
-        layer.set_support(idx, t.residual.reshape(-1)[idx].clone())
-        parent, name = qual.rsplit(".", 1)
-        setattr(model.get_submodule(parent), name, layer)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.endswith(".values"))
-    return model
-
-
-def _train_values(model, cfg, run: LoadedRun, device, autocast) -> Tuple[List[int], List[float]]:
-    """train.steps of the core optimizer + schedule on the run's training stream, updating only the
-    trainable (sparse value) parameters; returns the loss curve."""
-    torch.manual_seed(cfg.seed)
-    stream, _ = data_lib.build_datasets(run.cfg.data, run.tokenizer, rows_per_step=cfg.train.total_batch_size)
-    method = dataclasses.replace(cfg.method, name=MethodName.sltrain)
-    model.to(device).train()
-    optimizer = build_optimizer(model, cfg.optim, method)
-    scheduler = build_scheduler(optimizer, cfg.optim, method, cfg.train.steps)
-    params = [p for p in model.parameters() if p.requires_grad]
-    accum = cfg.train.grad_accum_steps(1)
-    steps, losses = [], []
-    for step in range(cfg.train.steps):
-        input_ids, labels = stream.next_batch()
-        total = 0.0
-        for x, y in zip(input_ids.chunk(accum), labels.chunk(accum)):
-            with autocast():
-                loss = model(x.to(device), labels=y.to(device)).loss / accum
-            loss.backward()
-            total += float(loss.detach())
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        steps.append(step + 1)
-        losses.append(total)
-    model.eval().to("cpu")
-    return steps, losses
-
-
 # ----------------------------------------------------------------------------------------- strategy
 def study_strategy(own, rest, folder: Path, console: Console) -> List[dict]:
     cfg = load_config(rest)
@@ -442,7 +225,7 @@ def study_strategy(own, rest, folder: Path, console: Console) -> List[dict]:
 def build_top_init(warm_ckpt: Path, cfg, path: Path) -> None:
     """A full-model checkpoint for the top-support trial: the seed's fresh initialization, with each target
     weight replaced by the residual of the warm-up weight after its rank-r SVD (what top support ranks)."""
-    tokenizer = data_lib.load_tokenizer(warm_ckpt.parent.parent / "tokenizer")
+    tokenizer = load_tokenizer(warm_ckpt.parent.parent / "tokenizer")
     model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
     warm = LlamaForCausalLM(model_cfg)
     load_model_weights(warm_ckpt, warm)
@@ -452,9 +235,7 @@ def build_top_init(warm_ckpt: Path, cfg, path: Path) -> None:
         for qual, module in target_modules(fresh, cfg.method.target_modules):
             _, _, res = svd_split(dense_of(warm.get_submodule(qual)), cfg.method.rank)
             module.weight.copy_(res)
-    buf = io.BytesIO()
-    torch.save({"model": fresh.state_dict()}, buf)
-    atomic_write(path, buf.getvalue())
+    atomic_torch_save(path, {"model": fresh.state_dict()})
 
 
 # ----------------------------------------------------------------------------------------- spectrum

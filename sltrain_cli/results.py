@@ -97,14 +97,37 @@ def plot_lines(series: Dict[str, Tuple[Sequence[float], Sequence[float]]], path:
                xlabel: str, ylabel: str, title: str = "", logx: bool = False, logy: bool = False,
                marker: str = "") -> Path:
     """One PNG with a line per labelled (x, y) series."""
+    fig, ax = _axes()
+    for label, (x, y) in series.items():
+        ax.plot(list(x), list(y), marker=marker, label=label)
+    return _save_png(fig, ax, path, xlabel=xlabel, ylabel=ylabel, title=title, logx=logx, logy=logy,
+                     legend=len(series) > 1 or any(series))
+
+
+def plot_scatter(points: List[Tuple[float, float, str]], path: Path | str, *, xlabel: str, ylabel: str,
+                 title: str = "", logx: bool = False) -> Path:
+    """One PNG of labelled points (x, y, label)."""
+    fig, ax = _axes()
+    for x, y, label in points:
+        ax.scatter([x], [y])
+        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    return _save_png(fig, ax, path, xlabel=xlabel, ylabel=ylabel, title=title, logx=logx)
+
+
+def _axes():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for label, (x, y) in series.items():
-        ax.plot(list(x), list(y), marker=marker, label=label)
+    return plt.subplots(figsize=(7, 4.5), dpi=120)
+
+
+def _save_png(fig, ax, path: Path | str, *, xlabel: str, ylabel: str, title: str = "", logx: bool = False,
+              logy: bool = False, legend: bool = False) -> Path:
+    """Label and grid the axes, then write the PNG next to ``path`` and rename it into place."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if logx:
@@ -114,37 +137,8 @@ def plot_lines(series: Dict[str, Tuple[Sequence[float], Sequence[float]]], path:
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    if len(series) > 1 or any(series):
+    if legend:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
-def plot_scatter(points: List[Tuple[float, float, str]], path: Path | str, *, xlabel: str, ylabel: str,
-                 title: str = "", logx: bool = False) -> Path:
-    """One PNG of labelled points (x, y, label)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for x, y, label in points:
-        ax.scatter([x], [y])
-        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if logx:
-        ax.set_xscale("log")
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

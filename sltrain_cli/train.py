@@ -34,6 +34,7 @@ from .core.convert import apply_method, count_parameters
 from .core.model import LlamaForCausalLM
 from .core.optim import LayerwiseOptimizer, build_optimizer, build_scheduler, optimizer_state_bytes
 from .evaluate import evaluate_ppl
+from .tokenizer import build_tokenizer
 from . import distributed
 
 
@@ -126,7 +127,7 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
 
     # data and tokenizer (rank 0 trains/caches the tokenizer first, the others then read the cache)
     with distributed.main_first(rt):
-        tokenizer = data_lib.build_tokenizer(cfg.data, cfg.tokenizer)
+        tokenizer = build_tokenizer(cfg.data, cfg.tokenizer)
         train_stream, val_set = data_lib.build_datasets(cfg.data, tokenizer, rows_per_step=tcfg.total_batch_size,
                                                         rank=rt.rank, world_size=rt.world_size)
     if rt.is_main:

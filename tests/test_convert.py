@@ -13,15 +13,7 @@ from sltrain_cli.core.lowrank import LowRankLinear
 from sltrain_cli.core.model import LlamaForCausalLM
 from sltrain_cli.core.sparse_lowrank import SparseLowRankLinear
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls gain nothing from threads, and on a loaded machine each OpenMP barrier can wait ~30 ms."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 TARGETS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")

@@ -1,6 +1,5 @@
-"""data.py: corpora, split, packing, caches, rank sharding, resume, validation batches, tokenizers."""
+"""data.py: corpora, split, packing, caches, rank sharding, resume, validation batches."""
 import gzip
-import io
 import json
 import math
 import time
@@ -11,15 +10,12 @@ import torch
 import yaml
 
 from sltrain_cli import data as D
+from sltrain_cli import tokenizer as T
 from sltrain_cli.configs import DataConfig, TokenizerConfig, UserError
 
+from conftest import SMALL
+
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
-SMALL = dict(max_docs=12, seq_len=32)  # the first 12 speeches: ~35k tokens with a 512 BPE
-
-
-@pytest.fixture(scope="module")
-def tok(cache_dir):
-    return D.build_tokenizer(DataConfig(**SMALL), TokenizerConfig(vocab_size=512, cache_dir=str(cache_dir)))
 
 
 def _build(tok, rows=6, rank=0, world=1, **kw):
@@ -99,7 +95,7 @@ def test_local_missing_path_names_key(tmp_path, spec):
     (tmp_path / "emptydir").mkdir()
     (tmp_path / "bad.csv").write_text("a,b\n")
     with pytest.raises(UserError, match=r"^data\.path: "):
-        D.build_tokenizer(DataConfig(name="local", path=str(tmp_path / spec)), TokenizerConfig(cache_dir=str(tmp_path)))
+        T.build_tokenizer(DataConfig(name="local", path=str(tmp_path / spec)), TokenizerConfig(cache_dir=str(tmp_path)))
 
 
 @pytest.mark.parametrize("packing", [True, False])
@@ -108,7 +104,7 @@ def test_local_streaming(tmp_path, packing):
     seq_len = 16 if packing else 512  # unpacked: every document is shorter than a row, so rows end in pad
     cfg = DataConfig(name="local", path=str(root), text_field="body", streaming=True, seq_len=seq_len,
                      packing=packing, val_fraction=0.3)
-    tk = D.build_tokenizer(cfg, TokenizerConfig(vocab_size=300, cache_dir=str(tmp_path / "cache")))
+    tk = T.build_tokenizer(cfg, TokenizerConfig(vocab_size=300, cache_dir=str(tmp_path / "cache")))
     train, val = D.build_datasets(cfg, tk, rows_per_step=4)
     batches = [train.next_batch() for _ in range(40)]  # > one epoch: the stream restarts reshuffled
     assert all(x.shape == (4, seq_len) for x, _ in batches) and train.state_dict()["epoch"] >= 1
@@ -131,7 +127,7 @@ def test_local_streaming(tmp_path, packing):
 def test_c4_offline_is_one_fast_line(monkeypatch, tok):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = DataConfig(name="c4", packing=False)
-    for call in (lambda: D.build_tokenizer(cfg, TokenizerConfig()),
+    for call in (lambda: T.build_tokenizer(cfg, TokenizerConfig()),
                  lambda: D.build_datasets(cfg, tok, rows_per_step=4)):
         start = time.monotonic()
         with pytest.raises(UserError) as err:
@@ -147,23 +143,13 @@ def test_c4_unreachable_endpoint_fails_fast(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused at once
     start = time.monotonic()
     with pytest.raises(UserError, match="data=sotu"):
-        D.build_tokenizer(DataConfig(name="c4"), TokenizerConfig())
+        T.build_tokenizer(DataConfig(name="c4"), TokenizerConfig())
     assert time.monotonic() - start < 10
-
-
-def test_t5_without_path_offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *a, **k: None)  # no cached t5-base
-    with pytest.raises(UserError, match="tokenizer.path=") as err:
-        D.build_tokenizer(DataConfig(**SMALL), TokenizerConfig(kind="t5"))
-    assert "tokenizer.kind=bpe" in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(UserError, match="^tokenizer.path: "):
-        D.build_tokenizer(DataConfig(**SMALL), TokenizerConfig(kind="pretrained"))
 
 
 def test_bpe_and_token_caches_are_reused(tmp_path, monkeypatch):
     cfg, tcfg = DataConfig(max_docs=4, seq_len=64), TokenizerConfig(vocab_size=300, cache_dir=str(tmp_path))
-    first = D.build_tokenizer(cfg, tcfg)
+    first = T.build_tokenizer(cfg, tcfg)
     x1, _ = D.build_datasets(cfg, first, rows_per_step=2)[0].next_batch()
     cached = list((tmp_path / "tokenizers").glob("bpe-*.json")) + list((tmp_path / "tokens").glob("*.pt"))
     assert len(cached) == 2 and not list(tmp_path.rglob("*.tmp"))
@@ -171,14 +157,14 @@ def test_bpe_and_token_caches_are_reused(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("recomputed although cached")
 
-    monkeypatch.setattr(D, "_train_bpe", boom)
-    monkeypatch.setattr(D.Tokenizer, "encode_batch", boom)
-    second = D.build_tokenizer(cfg, tcfg)
+    monkeypatch.setattr(T, "_train_bpe", boom)
+    monkeypatch.setattr(T.Tokenizer, "encode_batch", boom)
+    second = T.build_tokenizer(cfg, tcfg)
     x2, _ = D.build_datasets(cfg, second, rows_per_step=2)[0].next_batch()
     assert second.fingerprint == first.fingerprint and torch.equal(x1, x2)
     # another vocabulary or split is another cache entry
     with pytest.raises(AssertionError, match="recomputed"):
-        D.build_tokenizer(DataConfig(max_docs=4, split_seed=3), tcfg)
+        T.build_tokenizer(DataConfig(max_docs=4, split_seed=3), tcfg)
 
 
 def _synthetic(rows, world=1, rank=0, n=10):
@@ -258,59 +244,6 @@ def test_unigram_perplexity(tok):
     assert D.unigram_perplexity(train, val, max_tokens=64) > 1
 
 
-def test_bpe_save_load_round_trip(tok, tmp_path):
-    text = "Fellow-Citizens of the Senate:\n\n  I embrace, with great satisfaction — 1790."
-    ids = tok.encode(text)
-    assert tok.decode(ids) == text and tok.encode_batch([text, "x"])[0] == ids
-    tok.save(tmp_path / "tok")
-    back = D.load_tokenizer(tmp_path / "tok")
-    assert (back.encode(text), back.vocab_size, back.eos_id, back.pad_id) == (ids, tok.vocab_size, 1, 0)
-    assert back.fingerprint == tok.fingerprint and max(ids) < back.vocab_size
-
-
-@pytest.fixture(scope="module")
-def spiece(tmp_path_factory):
-    import sentencepiece as spm
-
-    docs, _ = D.load_documents(DataConfig(max_docs=3))
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(docs), model_writer=model, vocab_size=300,
-                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
-                                   max_sentence_length=1 << 20)
-    path = tmp_path_factory.mktemp("spm") / "spiece.model"
-    path.write_bytes(model.getvalue())
-    return path, spm.SentencePieceProcessor(model_file=str(path))
-
-
-SENTENCE = "I embrace with great satisfaction the opportunity which now presents itself."
-
-
-@pytest.mark.parametrize("kind", ["t5", "pretrained"])
-def test_sentencepiece_model_path(spiece, tmp_path, kind):
-    path, sp = spiece
-    tk = D.build_tokenizer(DataConfig(**SMALL), TokenizerConfig(kind=kind, path=str(path)))
-    assert tk.backend == "sentencepiece" and (tk.eos_id, tk.pad_id, tk.vocab_size) == (1, 0, 300)
-    assert tk.encode(SENTENCE) == sp.encode(SENTENCE) and tk.decode(tk.encode(SENTENCE)) == SENTENCE
-    tk.save(tmp_path / "t")
-    assert D.load_tokenizer(tmp_path / "t").encode(SENTENCE) == sp.encode(SENTENCE)
-    train, _ = D.build_datasets(DataConfig(**SMALL), tk, rows_per_step=2, cache_dir=tmp_path)
-    assert int(train.ids.max()) < 300
-
-
-def test_transformers_tokenizer_dir(spiece, tmp_path):
-    path, sp = spiece
-    hf_dir = tmp_path / "hf"
-    hf_dir.mkdir()
-    (hf_dir / "spiece.model").write_bytes(path.read_bytes())
-    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer", "extra_ids": 0}))
-    tk = D.build_tokenizer(DataConfig(**SMALL), TokenizerConfig(kind="pretrained", path=str(hf_dir)))
-    assert tk.backend == "transformers" and tk.encode(SENTENCE) == sp.encode(SENTENCE)  # the ids are right
-    assert (tk.eos_id, tk.pad_id, tk.vocab_size) == (1, 0, 300) and tk.decode(tk.encode(SENTENCE)) == SENTENCE
-    tk.save(tmp_path / "saved")
-    back = D.load_tokenizer(tmp_path / "saved")
-    assert back.encode_batch([SENTENCE]) == [sp.encode(SENTENCE)] and back.fingerprint == tk.fingerprint
-
-
 def test_shipped_data_configs():
     files = sorted(CONF.glob("*.yaml"))
     assert {f.stem for f in files} >= {"sotu", "local", "c4"}
@@ -343,10 +276,10 @@ def test_c4_pipeline_on_a_stand_in_stream(tmp_path, monkeypatch, spiece):
         return real_load("json", data_files=str(tmp_path / f"{split}.jsonl"), split="train", streaming=True)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    monkeypatch.setattr(D, "_require_c4", lambda: None)
+    monkeypatch.setattr(D, "require_c4", lambda: None)
     cfg = DataConfig(**yaml.safe_load((CONF / "c4.yaml").read_text()))
     cfg.seq_len = 48
-    tk = D.build_tokenizer(cfg, TokenizerConfig(path=str(spiece[0])))  # kind auto -> t5 -> tokenizer.path
+    tk = T.build_tokenizer(cfg, TokenizerConfig(path=str(spiece[0])))  # kind auto -> t5 -> tokenizer.path
     train, val = D.build_datasets(cfg, tk, rows_per_step=4)
     x, y = train.next_batch()
     assert x.shape == (4, 48) and train.num_tokens is None

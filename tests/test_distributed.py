@@ -43,12 +43,12 @@ def _close(a, b, tol=1e-5):
 
 
 def _final_weights(run_dir, overrides):
-    from sltrain_cli import data as data_lib
+    from sltrain_cli.tokenizer import load_tokenizer
     from sltrain_cli.train import build_model
     import dataclasses
 
     cfg = load_config(overrides)
-    tok = data_lib.load_tokenizer(Path(run_dir) / "tokenizer")
+    tok = load_tokenizer(Path(run_dir) / "tokenizer")
     model = build_model(dataclasses.replace(cfg.model, vocab_size=tok.vocab_size), cfg.method, cfg.seed,
                         torch.device("cpu"))
     ckpt = Path(run_dir) / "checkpoints"

@@ -9,15 +9,7 @@ from sltrain_cli.configs import MethodConfig, ModelConfig
 from sltrain_cli.core.convert import apply_method
 from sltrain_cli.core.model import LlamaForCausalLM
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls gain nothing from threads, and on a loaded machine each OpenMP barrier can wait ~30 ms."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 PAPER_DIMS = {  # PAPER.md: hidden, intermediate, layers, heads

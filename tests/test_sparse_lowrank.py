@@ -9,15 +9,7 @@ import torch.nn.functional as F
 from sltrain_cli.core.lowrank import LowRankLinear
 from sltrain_cli.core.sparse_lowrank import SparseLowRankLinear, sample_support
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls gain nothing from threads, and on a loaded machine each OpenMP barrier can wait ~30 ms."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
