@@ -43,7 +43,7 @@ from .checkpoint import atomic_torch_save, latest_checkpoint, load_model_weights
 from .compose import load_config, run_name
 from .configs import ConfigError, MethodName, UserError
 from .core.model import LlamaForCausalLM
-from .results import plot_lines, print_table, write_table
+from .results import make_console, plot_lines, print_table, write_table
 from .sweep import Trial, drop_keys, find_override, frame, out_root, quote, run_trials, validate_trials
 from .tokenizer import load_tokenizer
 
@@ -111,7 +111,7 @@ def study_folder(study: str, own: Dict[str, List[str]], rest: Sequence[str]) -> 
 
 def run_study(overrides: Sequence[str], console: Optional[Console] = None) -> List[dict]:
     """Parse, run the chosen study, write its table and plots; return the table rows."""
-    console = console or Console()
+    console = console or make_console()
     study, own, rest = split_args(list(overrides))
     if study in ("pruning", "spectrum"):
         need = {"pruning": "from", "spectrum": "runs"}[study]

@@ -54,7 +54,7 @@ def markdown(df: pd.DataFrame) -> str:
     return "\n".join([head, sep, *body])
 
 
-def _console() -> Console:
+def make_console() -> Console:
     """Rich falls back to 80 columns when output is not a terminal; tables are wider than that."""
     console = Console()
     return console if console.is_terminal else Console(width=200)
@@ -68,7 +68,7 @@ def print_table(rows: Iterable[Mapping] | pd.DataFrame, title: str = "",
         table.add_column(str(col), overflow="fold")
     for row in df.itertuples(index=False):
         table.add_row(*(_fmt(v) for v in row))
-    (console or _console()).print(table)
+    (console or make_console()).print(table)
 
 
 def print_record(record: Mapping, title: str = "", console: Optional[Console] = None) -> None:
@@ -78,7 +78,7 @@ def print_record(record: Mapping, title: str = "", console: Optional[Console] = 
     table.add_column("value")
     for key, value in record.items():
         table.add_row(str(key), _fmt(value))
-    (console or _console()).print(table)
+    (console or make_console()).print(table)
 
 
 def upsert_row(csv_path: Path | str, row: Mapping, key: str = "run") -> pd.DataFrame:

@@ -31,6 +31,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from rich.console import Console
 
+from .results import make_console
+
 from .checkpoint import read_json, write_json
 from .compose import ALIASES, expand_grid, load_config, run_name
 from .configs import ConfigError
@@ -208,7 +210,7 @@ def run_trial(trial: Trial, root: Path) -> TrialResult:
 def run_trials(trials: Sequence[Trial], root: Path, console: Optional[Console] = None,
                label: str = "trial") -> List[TrialResult]:
     """Run (or skip, when already completed) every trial in order, printing one progress line per trial."""
-    console = console or Console()
+    console = console or make_console()
     results = []
     for i, trial in enumerate(trials, 1):
         head = f"{label} {i}/{len(trials)}: {trial.name}"
@@ -276,7 +278,7 @@ def run_sweep(overrides: Sequence[str], dry_run: bool = False, name: Optional[st
     """Plan, validate, run (skipping finished trials), aggregate and plot; return the result rows."""
     from .results import print_table, write_table
 
-    console = console or Console()
+    console = console or make_console()
     overrides = list(overrides)
     trials, swept_keys = plan_trials(overrides)
     if name is not None and (not name or "/" in name or name in (".", "..")):
