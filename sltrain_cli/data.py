@@ -114,15 +114,18 @@ class Corpus:
     def streaming(self) -> bool:
         return self.cfg.name == DataName.c4 or self.cfg.streaming
 
-    def documents(self) -> Tuple[List[str], List[str]]:
-        """In-memory corpora: (train documents, validation documents)."""
+    def all_documents(self) -> List[str]:
+        """In-memory corpora: every non-empty document, in corpus order (up to data.max_docs)."""
         if self.cfg.name == DataName.sotu:
             docs = (p.read_text(encoding="utf-8") for p in self.files)
         else:
             docs = (ex["text"] for ex in self._local_stream())
-        docs = list(itertools.islice((d for d in docs if d and d.strip()), self.cfg.max_docs))
+        return list(itertools.islice((d for d in docs if d and d.strip()), self.cfg.max_docs))
+
+    def documents(self) -> Tuple[List[str], List[str]]:
+        """In-memory corpora: (train documents, validation documents)."""
         key = "data.path" if self.cfg.name == DataName.local and self.cfg.max_docs is None else "data.max_docs"
-        return split_documents(docs, self.cfg.val_fraction, self.cfg.split_seed, key)
+        return split_documents(self.all_documents(), self.cfg.val_fraction, self.cfg.split_seed, key)
 
     def stream(self, split: str):
         """Streaming corpora: an IterableDataset with a "text" column (use ``keep`` to apply the local split)."""
@@ -513,6 +516,25 @@ def build_datasets(data_cfg: DataConfig, tokenizer: Tokenizer, *, rows_per_step:
                         seed=data_cfg.seed, name=corpus.name, num_docs=data["train_offsets"].numel() - 1,
                         vocab_size=tokenizer.vocab_size)
     return train, ValSet(corpus.name, *built["val"], num_docs=data["val_offsets"].numel() - 1)
+
+
+def build_whole_corpus_set(data_cfg: DataConfig, tokenizer: Tokenizer) -> ValSet:
+    """Every document of an in-memory corpus as one evaluation set (for a corpus the model never trained on:
+    `sltrain eval-ppl RUN data=local data.path=FILE`)."""
+    corpus = open_corpus(data_cfg)
+    if corpus.streaming:
+        raise ConfigError("data.streaming", "whole-corpus evaluation reads the files into memory; "
+                                            "set data.streaming=false")
+    tokens, offsets = _tokenize(tokenizer, corpus.all_documents())
+    if data_cfg.packing:
+        ids = _packed_rows(tokens, offsets, tokenizer.eos_id, data_cfg.seq_len)
+        ids, labels = ids, ids
+    else:
+        ids, labels = _padded_rows(tokens, offsets, tokenizer.eos_id, tokenizer.pad_id, data_cfg.seq_len)
+    if ids.size(0) == 0:
+        raise ConfigError("data.seq_len", f"{corpus.name} has {tokens.numel()} tokens, less than one row of "
+                                          f"{data_cfg.seq_len}")
+    return ValSet(corpus.name, ids, labels, num_docs=offsets.numel() - 1)
 
 
 def unigram_perplexity(train: Union[TrainStream, StreamingTrainStream, torch.Tensor, Sequence[int]],

@@ -62,7 +62,8 @@ def evaluate_run(run: Path | str, overrides: Sequence[str] = ()) -> dict:
     except FileNotFoundError as err:
         raise UserError(f"RUN: {err}") from None
     run_dir = run_dir_of(ckpt)
-    saved = (run_dir / "overrides.txt").read_text().split() if (run_dir / "overrides.txt").is_file() else []
+    saved_path = run_dir / "overrides.txt"
+    saved = [line for line in saved_path.read_text().splitlines() if line.strip()] if saved_path.is_file() else []
     eval_cfg = load_config([*saved, *overrides])  # the run's data settings unless overridden
     stored = from_container(stored_config(ckpt))
     tokenizer = load_tokenizer(run_dir / "tokenizer")
@@ -71,13 +72,21 @@ def evaluate_run(run: Path | str, overrides: Sequence[str] = ()) -> dict:
     model = build_model(model_cfg, stored.method, stored.seed, torch.device("cpu"), stored.train.precision)
     load_model_weights(ckpt, model)
     model.to(device)
-    _, val_set = data_lib.build_datasets(eval_cfg.data, tokenizer, rows_per_step=eval_cfg.train.total_batch_size)
+    # a local corpus the run did not train on is evaluated whole; otherwise the run's validation split
+    data, trained_on = eval_cfg.data, stored.data
+    whole = data.name.value == "local" and not data.streaming and (trained_on.name, trained_on.path) != (
+        data.name, data.path)
+    if whole:
+        val_set = data_lib.build_whole_corpus_set(data, tokenizer)
+    else:
+        _, val_set = data_lib.build_datasets(data, tokenizer, rows_per_step=eval_cfg.train.total_batch_size)
     batches = val_set.batches(eval_cfg.train.eval_tokens, eval_cfg.train.micro_batch_size)
     result = evaluate_ppl(model, batches, device, autocast_for(stored.train.precision, device))
     data_name = eval_cfg.data.name.value
     if eval_cfg.data.path:
         data_name += "_" + re.sub(r"[^A-Za-z0-9._-]", "_", Path(eval_cfg.data.path.split(",")[0]).stem)
-    out = {"data": data_name, "data_path": eval_cfg.data.path, "val_loss": result["loss"], "val_ppl": result["ppl"],
+    out = {"data": data_name, "data_path": eval_cfg.data.path, "split": "all" if whole else "validation",
+           "val_loss": result["loss"], "val_ppl": result["ppl"],
            "tokens": result["tokens"], "checkpoint": str(ckpt)}
     path = run_dir / "eval" / f"{data_name}.json"
     write_json(path, out)

@@ -126,3 +126,13 @@ def test_ctrl_c_saves_and_marks_interrupted(tiny_run, monkeypatch):
     a = load_checkpoint(run_dir / "checkpoints" / "step_000008.pt")["model"]
     b = load_checkpoint(ctrlc / "checkpoints" / "step_000008.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_ppl_on_a_local_file_uses_all_of_it(tiny_run, tmp_path):
+    run_dir, _, _ = tiny_run
+    text = "The state of the union is strong, and the people of this nation are at work. " * 60
+    (tmp_path / "speech.txt").write_text(text)
+    result = runner.invoke(app, ["eval-ppl", str(run_dir), "data=local", f"data.path={tmp_path / 'speech.txt'}"])
+    assert result.exit_code == 0, result.output
+    out = json.loads((run_dir / "eval" / "local_speech.json").read_text())
+    assert out["split"] == "all" and out["tokens"] > 0 and math.isfinite(out["val_ppl"])
