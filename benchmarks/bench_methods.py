@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional

