@@ -104,3 +104,9 @@ def test_fsdp_matches_one_process_and_resumes(tmp_path, cache_dir):
     (part / "checkpoints" / LATEST).write_text("step_000004\n")
     _run(tmp_path, 2, *ov, "run_name=fsdp_part", "train.resume=true")
     _close(_losses(fsdp), _losses(part), tol=1e-6)
+
+
+def test_layerwise_under_ddp_is_refused(tmp_path, cache_dir):
+    proc = _run(tmp_path, 2, "train.layerwise=true", "optim.grad_clip=0", "run_name=lw", check=False)
+    assert proc.returncode != 0
+    assert "train.layerwise" in proc.stderr and "Traceback" not in proc.stderr

@@ -59,3 +59,22 @@ def test_layerwise_with_clipping_is_refused(tmp_path, cache_dir):
     result = CliRunner().invoke(app, ["pretrain", *tiny_overrides(tmp_path, "train.layerwise=true",
                                                                   "optim.grad_clip=1.0")])
     assert result.exit_code == 2 and "optim.grad_clip" in result.output
+
+
+def test_relora_warm_start_loads_the_full_rank_weights(tmp_path, cache_dir):
+    import dataclasses
+
+    from sltrain_cli.compose import load_config
+    from sltrain_cli.tokenizer import load_tokenizer
+    from sltrain_cli.train import build_model
+
+    _pretrain(tiny_overrides(tmp_path, "method=full", "run_name=full"))
+    ckpt = tmp_path / "pretrain" / "full" / "checkpoints" / "step_000008.pt"
+    cfg = load_config(tiny_overrides(tmp_path, "method=relora", "rank=8", f"method.warm_start={ckpt}"))
+    vocab = load_tokenizer(tmp_path / "pretrain" / "full" / "tokenizer").vocab_size
+    model = build_model(dataclasses.replace(cfg.model, vocab_size=vocab), cfg.method, seed=123,
+                        device=torch.device("cpu"), warm_start=cfg.method.warm_start)
+    full = load_checkpoint(ckpt)["model"]
+    assert torch.equal(model.layers[0].attn.q.weight, full["layers.0.attn.q.weight"])  # W0 = trained weight
+    assert not model.layers[0].attn.q.weight.requires_grad
+    assert torch.equal(model.lm_head.weight, full["lm_head.weight"])
