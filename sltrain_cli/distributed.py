@@ -145,16 +145,3 @@ def mean_across_ranks(value: torch.Tensor, rt: Runtime) -> float:
 def progress_bar(rt: Runtime, enabled: bool, total: int, completed: int) -> TrainProgress:
     return TrainProgress(total, completed, enabled=enabled and rt.is_main)
 
-
-def equalize_batches(batches: list, rt: Runtime) -> list:
-    """Give every rank the same number of evaluation batches (DDP and FSDP forwards are collective):
-    ranks with fewer get batches whose labels are all ignored (-100), which add no loss and no tokens."""
-    if rt.world_size == 1:
-        return batches
-    count = torch.tensor([len(batches)], dtype=torch.int64)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    if len(batches) < int(count):
-        input_ids, labels = batches[0] if batches else (torch.zeros(1, 2, dtype=torch.long),) * 2
-        filler = (torch.zeros_like(input_ids), torch.full_like(labels, -100))
-        batches = list(batches) + [filler] * (int(count) - len(batches))
-    return batches

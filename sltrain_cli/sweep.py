@@ -31,11 +31,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from rich.console import Console
 
-from .results import make_console
-
 from .checkpoint import read_json, write_json
 from .compose import ALIASES, expand_grid, load_config, run_name
 from .configs import ConfigError
+from .results import make_console
 
 # Keys a sweep sets itself for every trial.
 RESERVED = ("run_name", "timestamp")

@@ -30,7 +30,8 @@ from .configs import MethodName, ModelConfig, Parallel, Precision, RunConfig, Us
 from .core import relora
 from .core.convert import apply_method, count_parameters
 from .core.model import LlamaForCausalLM
-from .core.optim import LayerwiseOptimizer, build_optimizer, build_scheduler, optimizer_state_bytes
+from .core.optim import (LayerwiseOptimizer, build_optimizer, build_scheduler, check_layerwise,
+                         optimizer_state_bytes)
 from .evaluate import evaluate_ppl
 from .tokenizer import build_tokenizer
 from . import distributed
@@ -113,9 +114,8 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
     tcfg, mcfg = cfg.train, cfg.method
     accum = tcfg.grad_accum_steps(rt.world_size)
     fsdp = tcfg.parallel == Parallel.fsdp and rt.world_size > 1
-    if tcfg.layerwise and rt.world_size > 1:
-        raise UserError("train.layerwise: not supported with several processes (each rank would step before "
-                        "the gradients are all-reduced); run on one process or set train.layerwise=false")
+    if tcfg.layerwise:  # refuse what layer-wise updates cannot honour before any work is done
+        check_layerwise(cfg.optim, rt.world_size)
     if fsdp and mcfg.name == MethodName.galore:
         raise UserError("train.parallel: fsdp does not support method=galore (its SVD needs whole gradients); "
                         "use train.parallel=ddp")
@@ -140,7 +140,6 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
         tokenizer.save(run_dir / "tokenizer")
     unigram = data_lib.unigram_perplexity(train_stream, val_set)
     val_batches = val_set.batches(tcfg.eval_tokens, tcfg.micro_batch_size, rank=rt.rank, world_size=rt.world_size)
-    val_batches = distributed.equalize_batches(val_batches, rt)
 
     model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
     model = build_model(model_cfg, mcfg, cfg.seed, device, tcfg.precision, mcfg.warm_start)
@@ -151,7 +150,7 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
 
     wrapped = distributed.wrap(model, rt, fsdp)
     if tcfg.layerwise:
-        optimizer, scheduler = LayerwiseOptimizer(model, cfg.optim, mcfg, tcfg.steps), None
+        optimizer, scheduler = LayerwiseOptimizer(model, cfg.optim, mcfg, tcfg.steps, rt.world_size), None
     else:
         optimizer = build_optimizer(model, cfg.optim, mcfg)
         scheduler = build_scheduler(optimizer, cfg.optim, mcfg, tcfg.steps)

@@ -110,4 +110,4 @@ def test_layerwise_under_ddp_is_refused(tmp_path, cache_dir):
     proc = _run(tmp_path, 2, "train.layerwise=true", "optim.grad_clip=0", "run_name=lw", check=False)
     assert proc.returncode != 0
     # each rank prints our one line (torchrun's own agent then reports the failed workers)
-    assert proc.stderr.startswith("error: train.layerwise: not supported with several processes")
+    assert proc.stderr.startswith("error: train.layerwise=true is single-process only")
