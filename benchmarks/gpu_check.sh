@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The CUDA checks, batched into one script for a lent GPU machine (about 10 minutes on one H100/H200):
-#   bash benchmarks/gpu_check.sh            (from the repository root; creates .venv if needed)
+#   bash benchmarks/gpu_check.sh            (from the repository root)
+# It uses the machine's own python3 and CUDA torch (PY=... to choose another) with this checkout on
+# PYTHONPATH; packages that machine lacks (hydra-core, typer, ... see the device tool's README) must travel
+# as wheels. Never `pip install` the project there: an unpinned torch would replace the CUDA build.
 # CUDA tests, a short bf16-pure pretrain on the GPU + eval-ppl, the layer benchmark on CUDA, and measured
 # vs estimated memory for 350m. Outputs go under ${OUT:-outputs/gpu_check}.
 set -uo pipefail
 OUT=${OUT:-outputs/gpu_check}
 mkdir -p "$OUT"
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e ".[test]"
-fi
-PY=.venv/bin/python
+PY=${PY:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" SLTRAIN_CONF_DIR="$PWD/conf" PYTHONUNBUFFERED=1
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 $PY -c "import torch; print(torch.__version__, torch.cuda.is_available(), torch.cuda.get_device_name(0))" | tee "$OUT/torch.txt"
 timeout 180 $PY -m pytest -q -rs tests/test_sparse_lowrank.py tests/test_convert.py tests/test_model.py 2>&1 | tail -5 | tee "$OUT/tests.txt"
