@@ -26,7 +26,7 @@ import torch
 from rich.console import Console
 
 from . import data as data_lib
-from .checkpoint import load_model_weights, resolve_checkpoint, run_dir_of, stored_config
+from .checkpoint import load_model_weights, read_overrides, resolve_checkpoint, run_dir_of, stored_config
 from .compose import from_container, load_config
 from .configs import ConfigError, MethodName
 from .core.optim import build_optimizer, build_scheduler
@@ -99,8 +99,7 @@ def svd_split(w: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, t
 # ----------------------------------------------------------------------------------------- pruning
 def _pruning_config(run: LoadedRun, rest: Sequence[str]):
     """The run's own overrides (data, model, train settings) with the user's on top."""
-    saved_path = run.run_dir / "overrides.txt"
-    saved = [s for s in saved_path.read_text().splitlines() if s.strip()] if saved_path.is_file() else []
+    saved = read_overrides(run.run_dir)
     user_keys = [o.split("=", 1)[0].strip().lstrip("+~") for o in rest if "=" in o]
     saved = drop_keys(saved, [*RUN_KEYS, *user_keys])
     return load_config([*saved, *rest])

@@ -55,6 +55,24 @@ def read_json(path: Path | str) -> Any:
     return json.loads(Path(path).read_text())
 
 
+# ------------------------------------------------------------------------------ run folder files
+def write_overrides(run_dir: Path | str, overrides) -> None:
+    """overrides.txt: the user's overrides, one per line (a value may hold spaces)."""
+    atomic_write(Path(run_dir) / "overrides.txt", "".join(o + "\n" for o in overrides))
+
+
+def read_overrides(run_dir: Path | str) -> list:
+    """The overrides a run was started with ([] when the folder has no overrides.txt)."""
+    path = Path(run_dir) / "overrides.txt"
+    return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def read_summary(run_dir: Path | str) -> Optional[dict]:
+    """The run's summary.json, or None when it has none yet."""
+    path = Path(run_dir) / "summary.json"
+    return read_json(path) if path.is_file() else None
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
 

@@ -166,10 +166,6 @@ def memory_estimate(size: str = typer.Option("60m", "--size", help="60m|130m|350
     from .results import markdown, print_table, to_frame
     from .checkpoint import atomic_write
 
-    allowed = {"optimizer": ("adam", "adam8bit"), "index-dtype": ("int64", "int32")}
-    for key, value in (("optimizer", optimizer), ("index-dtype", index_dtype)):
-        if value not in allowed[key]:
-            raise UserError(f"--{key}: must be one of {', '.join(allowed[key])}, got {value!r}")
     rows = memory_rows(size, method, rank=rank, delta=delta, optimizer=optimizer, layerwise=layerwise,
                        index_dtype=index_dtype, batch_size=batch_size, seq_len=seq_len,
                        activation_checkpointing=activation_checkpointing, measure=measure,

@@ -142,8 +142,9 @@ def compose_dict(overrides: Sequence[str] = ()) -> DictConfig:
     try:
         cfg = _compose(overrides)
     except HydraException as err:
-        if isinstance(err.__cause__, OmegaConfBaseException):
-            raise _omegaconf_error(err.__cause__, schema) from None
+        inner = err.__cause__ or err.__context__  # a schema error inside a composed file (or an override)
+        if isinstance(inner, OmegaConfBaseException):
+            raise _omegaconf_error(inner, schema) from None
         raise _hydra_error(err, overrides) from None
     except OmegaConfBaseException as err:
         raise _omegaconf_error(err, schema) from None

@@ -50,7 +50,8 @@ def evaluate_run(run: Path | str, overrides: Sequence[str] = ()) -> dict:
     """`sltrain eval-ppl`: load a run's checkpoint and tokenizer, evaluate on the configured corpus
     (the run's own unless overrides say otherwise) and write RUN_DIR/eval/<data>.json."""
     from . import data as data_lib
-    from .checkpoint import load_model_weights, resolve_checkpoint, run_dir_of, stored_config, write_json
+    from .checkpoint import (load_model_weights, read_overrides, resolve_checkpoint, run_dir_of, stored_config,
+                             write_json)
     from .compose import from_container, load_config
     from .configs import UserError
     from .distributed import resolve_device
@@ -62,9 +63,7 @@ def evaluate_run(run: Path | str, overrides: Sequence[str] = ()) -> dict:
     except FileNotFoundError as err:
         raise UserError(f"RUN: {err}") from None
     run_dir = run_dir_of(ckpt)
-    saved_path = run_dir / "overrides.txt"
-    saved = [line for line in saved_path.read_text().splitlines() if line.strip()] if saved_path.is_file() else []
-    eval_cfg = load_config([*saved, *overrides])  # the run's data settings unless overridden
+    eval_cfg = load_config([*read_overrides(run_dir), *overrides])  # the run's data settings unless overridden
     stored = from_container(stored_config(ckpt))
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     device = resolve_device(eval_cfg.train.device)

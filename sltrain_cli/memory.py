@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from .configs import MethodConfig, MethodName, ModelConfig, UserError
@@ -58,33 +57,21 @@ BNB_QMAP_BYTES = 2 * 256 * 4
 
 
 # ----------------------------------------------------------------------------------------------- configs
-def _conf_dir() -> Path:
-    env = os.environ.get("SLTRAIN_CONF_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
-
-
 def _short(name: str) -> str:
     return name[len("llama_"):] if name.startswith("llama_") else name
 
 
 def load_model_config(size: str) -> ModelConfig:
-    """ModelConfig from conf/model/<name>.yaml; ``size`` may be '60m', '60M', 'llama_60m' or 'tiny'."""
-    model_dir = _conf_dir() / "model"
-    names = sorted(p.stem for p in model_dir.glob("*.yaml"))
+    """The conf/model config for ``size``: '60m', '60M', 'llama_60m' or 'tiny' (composed like every run's)."""
+    from .compose import group_options, load_config  # kept local so importing memory stays light
+
+    names = group_options("model")
     key = str(size).strip().lower()
     match = next((n for n in names if n.lower() in (key, f"llama_{key}")), None)
     if match is None:
         shorts = sorted({_short(n) for n in names}, key=_size_order)
-        choices = ", ".join(shorts) if shorts else f"(no model configs found in {model_dir})"
-        raise UserError(f"--size: unknown model {size!r}; choose from {choices}")
-    from omegaconf import OmegaConf  # YAML reading only; kept local so importing memory stays light
-
-    raw = OmegaConf.to_container(OmegaConf.load(model_dir / f"{match}.yaml"), resolve=True) or {}
-    allowed = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(k for k in raw if k not in allowed and k != "defaults")
-    if unknown:
-        raise UserError(f"conf/model/{match}.yaml: unknown keys {unknown}; allowed: {', '.join(sorted(allowed))}")
-    return ModelConfig(**{k: v for k, v in raw.items() if k in allowed})
+        raise UserError(f"--size: unknown model {size!r}; choose from {', '.join(shorts)}")
+    return load_config([f"model={match}"]).model
 
 
 def default_recipe(model_cfg: ModelConfig) -> Dict[str, float]:

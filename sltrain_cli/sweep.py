@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from rich.console import Console
 
-from .checkpoint import read_json, write_json
+from .checkpoint import read_overrides, read_summary, write_json
 from .compose import ALIASES, expand_grid, load_config, run_name
 from .configs import ConfigError
 from .results import make_console
@@ -160,15 +160,11 @@ def validate_trials(trials: Sequence[Trial], root: Path) -> None:
 def completed_summary(trial: Trial, root: Path) -> Optional[dict]:
     """The trial's summary when it already completed with these same overrides, else None."""
     run_dir = trial.run_dir(root)
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        return None
     try:
-        summary = read_json(path)
-        saved = (run_dir / "overrides.txt").read_text().split("\n")
+        summary, saved = read_summary(run_dir), read_overrides(run_dir)
     except (OSError, ValueError):
         return None
-    if summary.get("status") != "completed" or sorted(s for s in saved if s) != sorted(trial.argv(root)):
+    if summary is None or summary.get("status") != "completed" or sorted(saved) != sorted(trial.argv(root)):
         return None
     return summary
 
@@ -194,8 +190,7 @@ def run_trial(trial: Trial, root: Path) -> TrialResult:
             raise
         out.write("--- stderr ---\n" + (err or ""))
     seconds = time.perf_counter() - t0
-    summary_path = trial.run_dir(root) / "summary.json"
-    summary = read_json(summary_path) if summary_path.is_file() else None
+    summary = read_summary(trial.run_dir(root))
     if summary is not None and summary.get("run") != trial.name:
         summary = None  # not this run's (should not happen: the folder is the trial's own)
     lines = [line.strip() for line in (err or "").splitlines() if line.strip()]

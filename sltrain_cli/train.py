@@ -23,8 +23,8 @@ from typing import Optional, Sequence
 import torch
 
 from . import data as data_lib
-from .checkpoint import (atomic_write, latest_checkpoint, load_model_weights, load_training_state, read_json,
-                         save_training_state, write_json)
+from .checkpoint import (atomic_write, latest_checkpoint, load_model_weights, load_training_state,
+                         save_training_state, write_json, write_overrides)
 from .compose import to_container, to_yaml
 from .configs import MethodName, ModelConfig, Parallel, Precision, RunConfig, UserError
 from .core import relora
@@ -129,7 +129,7 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
             for stale in ("metrics.jsonl", "summary.json"):
                 (run_dir / stale).unlink(missing_ok=True)
         atomic_write(run_dir / "config.yaml", to_yaml(cfg))
-        atomic_write(run_dir / "overrides.txt", "".join(o + "\n" for o in overrides))
+        write_overrides(run_dir, overrides)
 
     # data and tokenizer (rank 0 trains/caches the tokenizer first, the others then read the cache)
     with distributed.main_first(rt):
@@ -270,7 +270,3 @@ def _resume_path(resume: str, ckpt_dir: Path, fsdp: bool) -> Optional[Path]:
         return found
     return path
 
-
-def read_summary(run_dir: Path) -> Optional[dict]:
-    path = Path(run_dir) / "summary.json"
-    return read_json(path) if path.is_file() else None

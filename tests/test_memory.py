@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -148,7 +149,10 @@ def test_load_model_config_matches_paper(size):
 
 
 def test_load_model_config_env(tmp_path, monkeypatch):
-    (tmp_path / "model").mkdir()
+    import shutil
+
+    tmp_path = tmp_path / "conf"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", tmp_path)  # a conf/ with a model of its own
     (tmp_path / "model" / "mine.yaml").write_text("name: mine\nhidden_size: 32\nnum_heads: 2\n")
     monkeypatch.setenv("SLTRAIN_CONF_DIR", str(tmp_path))
     assert load_model_config("mine").hidden_size == 32
