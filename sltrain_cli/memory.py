@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from .configs import MethodConfig, MethodName, ModelConfig, UserError
+from .configs import ConfigError, MethodConfig, MethodName, ModelConfig, UserError
 
 GB = 1e9
 METHODS_ALL = ("full", "lowrank", "relora", "galore", "sltrain", "sparse")  # what method="all" expands to
@@ -138,16 +138,10 @@ def _check_method(cfg: ModelConfig, method: str, rank: int, delta: float) -> Non
     allowed = [m.value for m in MethodName]
     if method not in allowed:
         raise UserError(f"--method: unknown method {method!r}; choose from {', '.join(allowed)}, all")
-    if method in ("lowrank", "relora", "galore", "sltrain") and rank < 0:
-        raise UserError(f"--rank: must be >= 0, got {rank}")
-    if method in ("lowrank", "relora", "galore") and rank < 1:
-        raise UserError(f"--rank: must be >= 1 for method={method}, got {rank}")
-    if not 0.0 <= delta <= 1.0:
-        raise UserError(f"--delta: must be in [0, 1], got {delta}")
-    if method == "sparse" and delta <= 0:
-        raise UserError(f"--delta: must be > 0 for method=sparse, got {delta}")
-    if method == "sltrain" and rank == 0 and delta <= 0:
-        raise UserError("--rank: sltrain needs rank >= 1 or delta > 0")
+    try:  # the same rules as a run's method config, reported under this command's flags
+        MethodConfig(name=method, rank=rank, delta=delta)
+    except ConfigError as err:
+        raise UserError(f"--{err.key.rsplit('.', 1)[-1]}: {str(err).split(': ', 1)[1]}") from None
     small = min(cfg.hidden_size, cfg.intermediate_size)
     if method in ("lowrank", "relora", "galore", "sltrain") and rank > small:
         raise UserError(f"--rank: {rank} exceeds the smallest layer dimension {small} of {cfg.name}")
