@@ -36,7 +36,7 @@ from .evaluate import evaluate_ppl
 from .results import plot_lines, print_table, write_table
 from .sweep import drop_keys, frame
 from .tokenizer import load_tokenizer
-from .train import autocast_for, build_model
+from .train import autocast_for, build_model, train_step
 
 RUN_KEYS = ("out_dir", "run_name", "timestamp", "train.resume", "method.warm_start")  # a run's, not the study's
 
@@ -217,7 +217,7 @@ def _fixed_lowrank_model(base: torch.nn.Module, targets: Dict[str, _Target], kin
 
 
 def _train_values(model, cfg, run: LoadedRun, device, autocast) -> Tuple[List[int], List[float]]:
-    """train.steps of the core optimizer + schedule on the run's training stream, updating only the
+    """train.steps of train.train_step (core optimizer + schedule) on the run's training stream, updating only the
     trainable (sparse value) parameters; returns the loss curve."""
     torch.manual_seed(cfg.seed)
     stream, _ = data_lib.build_datasets(run.cfg.data, run.tokenizer, rows_per_step=cfg.train.total_batch_size)
@@ -229,19 +229,9 @@ def _train_values(model, cfg, run: LoadedRun, device, autocast) -> Tuple[List[in
     accum = cfg.train.grad_accum_steps(1)
     steps, losses = [], []
     for step in range(cfg.train.steps):
-        input_ids, labels = stream.next_batch()
-        total = 0.0
-        for x, y in zip(input_ids.chunk(accum), labels.chunk(accum)):
-            with autocast():
-                loss = model(x.to(device), labels=y.to(device)).loss / accum
-            loss.backward()
-            total += float(loss.detach())
-        if cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, _ = train_step(model, *stream.next_batch(), accum, params, optimizer, scheduler,
+                             cfg.optim.grad_clip, device, autocast)
         steps.append(step + 1)
-        losses.append(total)
+        losses.append(float(loss))
     model.eval().to("cpu")
     return steps, losses

@@ -88,6 +88,31 @@ def summary_row(summary: dict) -> dict:
         "tokens_per_s", "peak_mem_bytes", "est_mem_gb", "status")}}
 
 
+def train_step(wrapped, input_ids: torch.Tensor, labels: torch.Tensor, accum: int, params, optimizer, scheduler,
+               grad_clip: float, device: torch.device, autocast) -> tuple[torch.Tensor, Optional[float]]:
+    """One optimizer step over ``accum`` micro-batches of the batch; gradients are all-reduced (DDP/FSDP) on
+    the last micro-batch only. ``optimizer`` may be a LayerwiseOptimizer (it steps inside backward; then
+    ``scheduler`` is None and there is no clipping). Returns (the batch's mean loss, grad norm or None)."""
+    layerwise = isinstance(optimizer, LayerwiseOptimizer)
+    loss_sum = torch.zeros((), device=device)
+    for i, (x, y) in enumerate(zip(input_ids.chunk(accum), labels.chunk(accum))):
+        last = i == accum - 1
+        if layerwise:
+            optimizer.sync(last)
+        with distributed.maybe_no_sync(wrapped, last), autocast():
+            loss = wrapped(x.to(device), labels=y.to(device)).loss / accum
+        loss.backward()
+        loss_sum += loss.detach().float()
+    if layerwise:
+        optimizer.step_scheduler()
+        return loss_sum, None
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip)) if grad_clip > 0 else None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
 class _Metrics:
     """metrics.jsonl: one JSON object per logged step; on resume, rows past the checkpoint are dropped."""
 
@@ -188,25 +213,8 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
             for step in range(start_step, tcfg.steps):
                 data_state = train_stream.state_dict()  # where this step starts, for an interrupt
                 t0 = time.perf_counter()
-                input_ids, labels = train_stream.next_batch()
-                loss_sum = torch.zeros((), device=device)
-                for i, (x, y) in enumerate(zip(input_ids.chunk(accum), labels.chunk(accum))):
-                    last = i == accum - 1
-                    if tcfg.layerwise:
-                        optimizer.sync(last)
-                    with distributed.maybe_no_sync(wrapped, last), autocast():
-                        loss = wrapped(x.to(device), labels=y.to(device)).loss / accum
-                    loss.backward()
-                    loss_sum += loss.detach().float()
-                grad_norm = None
-                if not tcfg.layerwise:
-                    if cfg.optim.grad_clip > 0:
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                else:
-                    optimizer.step_scheduler()
+                loss_sum, grad_norm = train_step(wrapped, *train_stream.next_batch(), accum, params, optimizer,
+                                                 scheduler, cfg.optim.grad_clip, device, autocast)
                 if mcfg.name == MethodName.relora and (step + 1) % mcfg.merge_every == 0 and step + 1 < tcfg.steps:
                     # the same generator on every rank: re-initialised adapters and pruning masks agree
                     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
