@@ -38,14 +38,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from rich.console import Console
 
-from .ablate_pruning import dense_of, load_run, study_pruning, svd_split, target_modules
-from .checkpoint import atomic_torch_save, latest_checkpoint, load_model_weights
-from .compose import load_config, run_name
-from .configs import ConfigError, MethodName, UserError
+from .ablate_pruning import dense_of, study_pruning, svd_split, target_modules
+from .checkpoint import atomic_torch_save, latest_checkpoint
+from .compose import drop_keys, find_override, load_config, quote, run_name, split_override
+from .configs import ConfigError, MethodName, Precision, UserError
 from .core.model import LlamaForCausalLM
-from .results import make_console, plot_lines, print_table, write_table
-from .sweep import Trial, drop_keys, find_override, frame, out_root, quote, run_trials, validate_trials
-from .tokenizer import load_tokenizer
+from .results import frame, make_console, plot_lines, print_table, write_table
+from .runs import load_run
+from .sweep import Trial, out_root, run_trials, validate_trials
 
 STUDIES = ("seeds", "pruning", "strategy", "spectrum")
 OWN_KEYS = {"seeds": ("n",), "pruning": ("from",), "strategy": ("warmup",), "spectrum": ("runs", "layer")}
@@ -59,9 +59,9 @@ def split_args(overrides: Sequence[str]) -> Tuple[str, Dict[str, List[str]], Lis
     own: Dict[str, List[str]] = {}
     rest = []
     for o in overrides:
-        key = o.split("=", 1)[0].strip() if "=" in o else None
+        key, value = split_override(o) if "=" in o else (None, None)
         if key in ALL_OWN:
-            own.setdefault(key, []).append(o.split("=", 1)[1])
+            own.setdefault(key, []).append(value)
         else:
             rest.append(o)
     study = (own.pop("study", [None]))[-1]
@@ -225,10 +225,8 @@ def study_strategy(own, rest, folder: Path, console: Console) -> List[dict]:
 def build_top_init(warm_ckpt: Path, cfg, path: Path) -> None:
     """A full-model checkpoint for the top-support trial: the seed's fresh initialization, with each target
     weight replaced by the residual of the warm-up weight after its rank-r SVD (what top support ranks)."""
-    tokenizer = load_tokenizer(warm_ckpt.parent.parent / "tokenizer")
-    model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
-    warm = LlamaForCausalLM(model_cfg)
-    load_model_weights(warm_ckpt, warm)
+    warm = load_run(warm_ckpt, precision=Precision.fp32).model  # the full-rank warm-up run
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=warm.config.vocab_size)
     torch.manual_seed(cfg.seed)  # the same init build_model gives every other variant
     fresh = LlamaForCausalLM(model_cfg)
     with torch.no_grad():
@@ -244,7 +242,7 @@ def study_spectrum(own, rest, folder: Path, console: Console) -> List[dict]:
     layer = _int_arg(own, "layer", None, 0)
     explicit_rank = find_override(rest, "rank")
     r_fixed = int(explicit_rank) if explicit_rank is not None else None
-    runs = [load_run(p, key="runs") for p in paths]
+    runs = [load_run(p, key="runs", precision=Precision.fp32) for p in paths]
     if r_fixed is None:
         lowrank = [x.cfg.method.rank for x in runs if x.cfg.method.name != MethodName.full and x.cfg.method.rank > 0]
         r_fixed = lowrank[0] if lowrank else None

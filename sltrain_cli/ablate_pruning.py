@@ -11,8 +11,8 @@ short loop here: train() has no hook to freeze the low-rank part). Reported: per
 ||W0 - W||_F / ||W0||_F averaged over the target weights; plots of the trained loss curves and of the residual's
 distribution.
 
-This module also loads a trained run and reads its target weights (``load_run``, ``target_modules``,
-``dense_of``, ``svd_split``); the strategy and spectrum studies in ablate.py reuse those.
+This module also reads the target weights of a trained run (``target_modules``, ``dense_of``, ``svd_split``);
+the strategy and spectrum studies in ablate.py reuse those.
 """
 from __future__ import annotations
 
@@ -26,47 +26,21 @@ import torch
 from rich.console import Console
 
 from . import data as data_lib
-from .checkpoint import load_model_weights, read_overrides, resolve_checkpoint, run_dir_of, stored_config
-from .compose import from_container, load_config
-from .configs import ConfigError, MethodName
+from .checkpoint import read_overrides
+from .compose import drop_keys, load_config, split_override
+from .configs import ConfigError, MethodName, Precision
 from .core.optim import build_optimizer, build_scheduler
 from .core.sparse_lowrank import SparseLowRankLinear, sample_support
 from .distributed import resolve_device
 from .evaluate import evaluate_ppl
-from .results import plot_lines, print_table, write_table
-from .sweep import drop_keys, frame
-from .tokenizer import load_tokenizer
-from .train import autocast_for, build_model, train_step
+from .results import frame, plot_lines, print_table, write_table
+from .runs import LoadedRun, autocast_for, load_run
+from .train import train_step
 
 RUN_KEYS = ("out_dir", "run_name", "timestamp", "train.resume", "method.warm_start")  # a run's, not the study's
 
 
 # ----------------------------------------------------------------------------------------- trained runs and weights
-@dataclasses.dataclass
-class LoadedRun:
-    run_dir: Path
-    checkpoint: Path
-    cfg: object  # the run's RunConfig
-    tokenizer: object
-    model: torch.nn.Module  # fp32, on CPU, the run's method applied, weights loaded
-
-
-def load_run(path: Path | str, key: str = "from") -> LoadedRun:
-    """A run folder (its latest checkpoint) or a checkpoint, with its config, tokenizer and model."""
-    try:
-        ckpt = resolve_checkpoint(path)
-    except FileNotFoundError as err:
-        raise ConfigError(key, str(err)) from None
-    run_dir = run_dir_of(ckpt)
-    cfg = from_container(stored_config(ckpt))
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
-    model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
-    model = build_model(model_cfg, dataclasses.replace(cfg.method, warm_start=None), cfg.seed, torch.device("cpu"))
-    load_model_weights(ckpt, model)
-    model.eval()
-    return LoadedRun(run_dir, ckpt, cfg, tokenizer, model)
-
-
 def target_modules(model: torch.nn.Module, names: Sequence[str], layer: Optional[int] = None):
     """[(qualified name, module)] of the target linear layers (attribute name in ``names``), in model order."""
     out = []
@@ -100,7 +74,7 @@ def svd_split(w: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, t
 def _pruning_config(run: LoadedRun, rest: Sequence[str]):
     """The run's own overrides (data, model, train settings) with the user's on top."""
     saved = read_overrides(run.run_dir)
-    user_keys = [o.split("=", 1)[0].strip().lstrip("+~") for o in rest if "=" in o]
+    user_keys = [split_override(o)[0].lstrip("+~") for o in rest if "=" in o]
     saved = drop_keys(saved, [*RUN_KEYS, *user_keys])
     return load_config([*saved, *rest])
 
@@ -125,7 +99,7 @@ class _Target:
 
 
 def study_pruning(own, rest, folder: Path, console: Console) -> List[dict]:
-    run = load_run(own["from"][-1])
+    run = load_run(own["from"][-1], key="from", precision=Precision.fp32)
     if run.cfg.method.name != MethodName.full:
         raise ConfigError("from", f"study=pruning needs a full-rank run (method=full); {run.run_dir} is "
                                   f"method={run.cfg.method.name.value}")
@@ -147,7 +121,9 @@ def study_pruning(own, rest, folder: Path, console: Console) -> List[dict]:
 
     device = resolve_device(cfg.train.device)
     autocast = autocast_for(cfg.train.precision, device)
-    _, val_set = data_lib.build_datasets(run.cfg.data, run.tokenizer, rows_per_step=cfg.train.total_batch_size)
+    _, val_set = data_lib.build_datasets(data_lib.open_corpus(run.cfg.data), run.tokenizer,
+                                         rows_per_step=cfg.train.total_batch_size,
+                                         cache_root=data_lib.cache_root(run.cfg.tokenizer))
     val_batches = val_set.batches(cfg.train.eval_tokens, cfg.train.micro_batch_size)
 
     def evaluate(model: torch.nn.Module, label: str) -> dict:
@@ -220,7 +196,9 @@ def _train_values(model, cfg, run: LoadedRun, device, autocast) -> Tuple[List[in
     """train.steps of train.train_step (core optimizer + schedule) on the run's training stream, updating only the
     trainable (sparse value) parameters; returns the loss curve."""
     torch.manual_seed(cfg.seed)
-    stream, _ = data_lib.build_datasets(run.cfg.data, run.tokenizer, rows_per_step=cfg.train.total_batch_size)
+    stream, _ = data_lib.build_datasets(data_lib.open_corpus(run.cfg.data), run.tokenizer,
+                                        rows_per_step=cfg.train.total_batch_size,
+                                        cache_root=data_lib.cache_root(run.cfg.tokenizer))
     method = dataclasses.replace(cfg.method, name=MethodName.sltrain)
     model.to(device).train()
     optimizer = build_optimizer(model, cfg.optim, method)

@@ -60,17 +60,22 @@ def run_dir_for(command: str, cfg, overrides) -> Path:
 @app.command(context_settings={"allow_extra_args": False})
 @_user_errors
 def pretrain(overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
-             print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
+             print_config: bool = typer.Option(False, "--print-config",
+                                               help="Print the resolved config and exit: every key with its value "
+                                                    "and, as a # comment above it, its meaning, units and allowed "
+                                                    "values (the same text as the run's config.yaml)."),
              quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
     """Pretrain a model; writes outputs/pretrain/<run>/ (config, metrics, summary, checkpoints).
 
     Default: a llama_20m-sized SLTrain model on the State of the Union corpus (about 3 min on 2 CPU cores).
     Resume an interrupted run with the same overrides plus train.resume=true.
     Several processes: torchrun --nproc_per_node=N -m sltrain_cli pretrain ...
+
+    Every key, its default and its help: sltrain pretrain --print-config (add overrides to see their effect).
     """
     from .compose import load_config, to_yaml
-    from .results import print_record, upsert_row
-    from .train import summary_row, train
+    from .results import print_record, summary_row, upsert_row
+    from .train import train
 
     overrides = list(overrides or [])
     cfg = load_config(overrides)

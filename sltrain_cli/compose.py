@@ -15,7 +15,7 @@ import itertools
 import os
 import re
 from pathlib import Path
-from typing import Iterable, List, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -51,7 +51,8 @@ def group_options(group: str) -> List[str]:
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
 
 
-def _split(override: str) -> tuple[str, str]:
+def split_override(override: str) -> tuple[str, str]:
+    """'lr=3e-3' -> ('lr', '3e-3'); anything without '=' is a one-line ConfigError."""
     if "=" not in override:
         raise ConfigError(override, "overrides are key=value (e.g. model=llama_60m, rank=64)")
     key, value = override.split("=", 1)
@@ -61,7 +62,7 @@ def _split(override: str) -> tuple[str, str]:
 def expand_aliases(overrides: Iterable[str]) -> List[str]:
     out = []
     for ov in overrides:
-        key, value = _split(ov)
+        key, value = split_override(ov)
         prefix = key[: len(key) - len(key.lstrip("+~"))]
         bare = key[len(prefix):]
         out.append(f"{prefix}{ALIASES.get(bare, bare)}={value}")
@@ -73,7 +74,7 @@ def expand_grid(overrides: Sequence[str]) -> List[List[str]]:
     A value in brackets (a list, e.g. method.target_modules=[q,v]) is kept whole."""
     axes = []
     for ov in overrides:
-        key, value = _split(ov)
+        key, value = split_override(ov)
         if value.startswith("[") or "," not in value:
             axes.append([f"{key}={value}"])
         else:
@@ -100,11 +101,11 @@ def _hydra_error(err: Exception, overrides: List[str]) -> ConfigError:
     if m:
         return ConfigError(m.group(1), "unknown key (see `sltrain pretrain --print-config` for the valid keys)")
     if "Ambiguous value" in str(err):
-        key = next((_split(o)[0] for o in overrides if o in str(err)), "overrides")
+        key = next((split_override(o)[0] for o in overrides if o in str(err)), "overrides")
         return ConfigError(key, "a comma list is a grid: run it with `sltrain sweep`")
     for ov in overrides:  # the grammar error names the override text
         if ov in str(err):
-            return ConfigError(_split(ov)[0], msg)
+            return ConfigError(split_override(ov)[0], msg)
     return ConfigError("overrides", msg)
 
 
@@ -148,7 +149,7 @@ def compose_dict(overrides: Sequence[str] = ()) -> DictConfig:
         raise _hydra_error(err, overrides) from None
     except OmegaConfBaseException as err:
         raise _omegaconf_error(err, schema) from None
-    _apply_recipe(cfg, {_split(o)[0].lstrip("+~") for o in overrides})
+    _apply_recipe(cfg, {split_override(o)[0].lstrip("+~") for o in overrides})
     try:
         return OmegaConf.merge(schema, cfg)
     except OmegaConfBaseException as err:
@@ -165,8 +166,48 @@ def load_config(overrides: Sequence[str] = ()) -> RunConfig:
 
 
 def to_yaml(cfg: RunConfig) -> str:
-    """The resolved config as YAML (enums by value), as saved in every run folder."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The resolved config as YAML (enums by value), as saved in every run folder and printed by
+    ``sltrain pretrain --print-config``: each section under its dataclass docstring and each key under its
+    help (``configs.field_help``), as ``#`` comments. The comments sit on the line above, so that a key's
+    line is only ``key: value`` (line diffs of two runs' configs stay clean); they change nothing it loads to."""
+    from dataclasses import fields, is_dataclass
+    from enum import Enum
+    from textwrap import wrap
+
+    from .configs import field_help
+
+    def plain(value):  # enums by value (bf16-mixed, as users write it; loading accepts either spelling)
+        if isinstance(value, Enum):
+            return value.value
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    def comment(text: str, indent: str) -> List[str]:
+        return [f"{indent}# {line}" for line in wrap(" ".join(text.split()), max(40, 108 - len(indent)))]
+
+    def emit(obj, data: dict, indent: str, out: List[str]) -> None:
+        after_section = False
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if is_dataclass(value):
+                doc = field_help(obj, f.name) or type(value).__doc__ or ""
+                out += ["", *comment(doc, indent), f"{indent}{f.name}:"]
+                emit(value, data[f.name], indent + "  ", out)
+                after_section = True
+                continue
+            if after_section:
+                out.append("")
+            after_section = False
+            out += comment(field_help(obj, f.name), indent)
+            text = OmegaConf.to_yaml({f.name: data[f.name]})
+            out += [indent + line if line else line for line in text.rstrip("\n").split("\n")]
+
+    lines = comment(type(cfg).__doc__ or "", "")
+    emit(cfg, plain(OmegaConf.to_container(OmegaConf.structured(cfg))), "", lines)
+    return "\n".join(lines) + "\n"
 
 
 def to_container(cfg: RunConfig) -> dict:
@@ -184,10 +225,47 @@ def from_container(data: dict) -> RunConfig:
 
 def run_name(overrides: Sequence[str]) -> str:
     """Deterministic folder name from the user's overrides: ['model=tiny', 'rank=8'] -> 'model=tiny,rank=8'."""
-    parts = [o for o in expand_aliases(overrides) if not _split(o)[0].lstrip("+~") in ("out_dir", "run_name",
+    parts = [o for o in expand_aliases(overrides) if not split_override(o)[0].lstrip("+~") in ("out_dir", "run_name",
                                                                                         "timestamp", "train.resume")]
     if not parts:
         return "default"
     name = ",".join(p.replace("method.", "").replace("optim.", "").replace("train.", "") for p in parts)
     name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)
     return name if len(name) <= 120 else name[:100] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+
+
+# ------------------------------------------------------------------------------ override strings
+def override_key(override: str) -> str:
+    """The canonical key an override sets: '+steps=5' -> 'train.steps' (aliases resolved, +/~ dropped)."""
+    key = override.split("=", 1)[0].strip().lstrip("+~")
+    return ALIASES.get(key, key)
+
+
+def quote(value: str) -> str:
+    """A Hydra-quoted override value (paths and trial names may hold '=' and ',')."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def parse_value(text: str):
+    """'64' -> 64, '0.03' -> 0.03, anything else stays a string (only for tables and plots)."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def drop_keys(overrides: Sequence[str], keys: Sequence[str]) -> List[str]:
+    """The overrides without those setting any of ``keys`` (aliases resolved: 'steps' matches 'train.steps')."""
+    canonical = {ALIASES.get(k, k) for k in keys}
+    return [o for o in overrides if override_key(o) not in canonical]
+
+
+def find_override(overrides: Sequence[str], key: str) -> Optional[str]:
+    """The value the overrides give ``key`` (last one wins), or None."""
+    found = None
+    for o in overrides:
+        if "=" in o and override_key(o) == ALIASES.get(key, key):
+            found = o.split("=", 1)[1]
+    return found

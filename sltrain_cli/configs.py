@@ -10,6 +10,8 @@ swap, ...), never the whole RunConfig.
 """
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
@@ -126,16 +128,18 @@ class Parallel(str, Enum):
 class ModelConfig:
     """LLaMA decoder dimensions."""
 
-    name: str = "tiny"  # config name, for tables
-    hidden_size: int = 64  # model width d
-    intermediate_size: int = 176  # SwiGLU inner width
-    num_layers: int = 2  # decoder blocks
-    num_heads: int = 4  # attention heads; hidden_size must be divisible
-    vocab_size: int = 32000  # replaced by the tokenizer's size at run time
-    max_seq_len: int = 256  # longest sequence the rotary cache covers
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    init_std: float = 0.02  # std of the normal init of dense weights and embeddings
+    name: str = field(default="tiny", metadata={"help": "config name (conf/model/), shown in tables and run names"})
+    hidden_size: int = field(default=64, metadata={"help": "model width d"})
+    intermediate_size: int = field(default=176, metadata={"help": "SwiGLU inner width"})
+    num_layers: int = field(default=2, metadata={"help": "decoder blocks"})
+    num_heads: int = field(default=4, metadata={"help": "attention heads; must divide hidden_size, head dim even"})
+    vocab_size: int = field(default=32000, metadata={"help": "vocabulary size; replaced by the tokenizer's size at "
+                                                             "run time"})
+    max_seq_len: int = field(default=256, metadata={"help": "longest sequence in tokens the rotary cache covers; "
+                                                            ">= data.seq_len"})
+    rms_norm_eps: float = field(default=1e-6, metadata={"help": "epsilon added to the mean square in RMSNorm"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "rotary embedding base frequency"})
+    init_std: float = field(default=0.02, metadata={"help": "std of the normal init of dense weights and embeddings"})
 
     def __post_init__(self):
         for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size", "max_seq_len"):
@@ -159,24 +163,32 @@ TARGET_MODULES = ("q", "k", "v", "o", "gate", "up", "down")
 class MethodConfig:
     """How the target linear layers are parameterized (conf/method/)."""
 
-    name: MethodName = MethodName.full
-    rank: int = 128  # r of B (out, r) @ A (r, in); 0 = no low-rank part
-    delta: float = 0.03  # fraction of entries in the sparse support, in [0, 1]
-    alpha: float = 32.0  # low-rank scale numerator: W_lr = (alpha / rank) B A
-    target_modules: List[str] = field(default_factory=lambda: list(TARGET_MODULES))
-    support: SupportKind = SupportKind.random
-    support_seed: int = 0  # seed of the dedicated generator that draws the sparse support
-    index_dtype: IndexDtype = IndexDtype.int64
-    block_size: int = 16  # support=block: side of each square block
+    name: MethodName = field(default=MethodName.full, metadata={"help": "parameterization of the target layers"})
+    rank: int = field(default=128, metadata={"help": "r of B (out, r) @ A (r, in); 0 = no low-rank part"})
+    delta: float = field(default=0.03, metadata={"help": "fraction of entries in the sparse support, in [0, 1]"})
+    alpha: float = field(default=32.0, metadata={"help": "low-rank scale numerator: W_lr = (alpha / rank) B A"})
+    target_modules: List[str] = field(default_factory=lambda: list(TARGET_MODULES), metadata={
+        "help": "linear layers the method replaces, a subset of q, k, v, o (attention), gate, up, down (MLP)"})
+    support: SupportKind = field(default=SupportKind.random, metadata={"help": "how the sparse support is chosen"})
+    support_seed: int = field(default=0, metadata={"help": "seed of the dedicated generator that draws the sparse "
+                                                           "support"})
+    index_dtype: IndexDtype = field(default=IndexDtype.int64, metadata={"help": "dtype of the sparse support's "
+                                                                                "flat indices"})
+    block_size: int = field(default=16, metadata={"help": "support=block: side of each square block, in entries"})
     # relora
-    merge_every: int = 1000  # steps between merges of B A into W0
-    reset: ResetKind = ResetKind.magnitude  # what happens to the adapters' optimizer state at a merge
-    reset_ratio: float = 0.9  # fraction of moment entries pruned by magnitude/random reset
-    restart_warmup: int = 50  # re-warmup steps after each merge (jagged schedule)
-    warm_start: Optional[str] = None  # full-rank checkpoint to start ReLoRA from
+    merge_every: int = field(default=1000, metadata={"help": "relora: steps between merges of B A into W0"})
+    reset: ResetKind = field(default=ResetKind.magnitude, metadata={
+        "help": "relora: what happens to the adapters' optimizer state at a merge"})
+    reset_ratio: float = field(default=0.9, metadata={"help": "relora: fraction of moment entries pruned by a "
+                                                              "magnitude/random reset, in [0, 1]"})
+    restart_warmup: int = field(default=50, metadata={"help": "relora: lr re-warmup steps after each merge "
+                                                              "(jagged schedule)"})
+    warm_start: Optional[str] = field(default=None, metadata={
+        "help": "checkpoint whose dense weights initialize the model before the method swap (ReLoRA's full-rank "
+                "start; support=top picks its largest entries); null = random init"})
     # galore
-    update_proj_gap: int = 200  # steps between projector refreshes
-    scale: float = 0.25  # GaLore update scale
+    update_proj_gap: int = field(default=200, metadata={"help": "galore: steps between projector refreshes"})
+    scale: float = field(default=0.25, metadata={"help": "galore: scale of the projected-back update"})
 
     def __post_init__(self):
         self.name = _enum(self.name, MethodName, "method.name")
@@ -205,10 +217,14 @@ class MethodConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: TokenizerKind = TokenizerKind.auto
-    path: Optional[str] = None  # a tokenizer dir or spiece.model (kind=t5/pretrained)
-    vocab_size: int = 8000  # BPE vocabulary size (kind=bpe)
-    cache_dir: Optional[str] = None  # where trained BPE tokenizers are cached; default ~/.cache/sltrain
+    """Which tokenizer turns the corpus into token ids; its vocabulary size sets model.vocab_size."""
+
+    kind: TokenizerKind = field(default=TokenizerKind.auto, metadata={"help": "tokenizer family"})
+    path: Optional[str] = field(default=None, metadata={"help": "a tokenizer dir or spiece.model "
+                                                                "(kind=t5/pretrained)"})
+    vocab_size: int = field(default=8000, metadata={"help": "BPE vocabulary size in tokens (kind=bpe), >= 260"})
+    cache_dir: Optional[str] = field(default=None, metadata={
+        "help": "where trained BPE tokenizers are cached; null = $SLTRAIN_CACHE_DIR or ~/.cache/sltrain"})
 
     def __post_init__(self):
         self.kind = _enum(self.kind, TokenizerKind, "tokenizer.kind")
@@ -217,17 +233,24 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    name: DataName = DataName.sotu
-    path: Optional[str] = None  # data=local: a file, a directory or a glob (comma-separated for several)
-    text_field: str = "text"  # field holding the text in .jsonl / .parquet
-    streaming: bool = False  # read local files / C4 as a stream
-    seq_len: int = 256  # tokens per training sequence
-    packing: bool = True  # concatenate documents with EOS and cut into seq_len chunks (False: one doc per row)
-    val_fraction: float = 0.05  # fraction of documents held out for validation (sotu, local)
-    split_seed: int = 0  # seed of the document-level train/validation split
-    seed: int = 0  # seed of the training data order
-    shuffle_buffer: int = 10000  # streaming shuffle buffer (C4 uses seed 42 as the harness)
-    max_docs: Optional[int] = None  # cap on documents read (quick runs); None = all
+    """The training corpus, its train/validation split and how documents become rows (conf/data/)."""
+
+    name: DataName = field(default=DataName.sotu, metadata={"help": "corpus"})
+    path: Optional[str] = field(default=None, metadata={
+        "help": "data=local: a file, a directory or a glob (comma-separated for several)"})
+    text_field: str = field(default="text", metadata={"help": "field holding the text in .jsonl / .parquet"})
+    streaming: bool = field(default=False, metadata={"help": "read local files / C4 as a stream"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per training sequence, <= model.max_seq_len"})
+    packing: bool = field(default=True, metadata={
+        "help": "concatenate documents with EOS and cut into seq_len chunks (false: one document per row)"})
+    val_fraction: float = field(default=0.05, metadata={
+        "help": "fraction of documents held out for validation (sotu, local), in (0, 1)"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the document-level train/validation split"})
+    seed: int = field(default=0, metadata={"help": "seed of the training data order"})
+    shuffle_buffer: int = field(default=10000, metadata={
+        "help": "streaming shuffle buffer in documents (C4 validation is shuffled with seed 42, as the harness)"})
+    max_docs: Optional[int] = field(default=None, metadata={"help": "cap on documents read (quick runs); "
+                                                                    "null = all"})
 
     def __post_init__(self):
         self.name = _enum(self.name, DataName, "data.name")
@@ -242,17 +265,23 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: OptimName = OptimName.adamw
-    lr: float = 1e-3  # peak learning rate
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    schedule: Schedule = Schedule.cosine
-    warmup_steps: Optional[int] = None  # None = warmup_ratio * train.steps
-    warmup_ratio: float = 0.1
-    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr
-    grad_clip: float = 1.0  # max global grad norm; 0 = off
+    """Optimizer and learning-rate schedule (conf/optim/); GaLore's projection settings are in method."""
+
+    name: OptimName = field(default=OptimName.adamw, metadata={"help": "optimizer"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "decoupled (AdamW) weight decay on every trainable "
+                                                               "parameter"})
+    beta1: float = field(default=0.9, metadata={"help": "Adam decay rate of the first moment, in [0, 1)"})
+    beta2: float = field(default=0.999, metadata={"help": "Adam decay rate of the second moment, in [0, 1)"})
+    eps: float = field(default=1e-8, metadata={"help": "Adam epsilon added to the denominator"})
+    schedule: Schedule = field(default=Schedule.cosine, metadata={
+        "help": "lr schedule after the linear warmup; relora always uses a jagged cosine"})
+    warmup_steps: Optional[int] = field(default=None, metadata={"help": "linear warmup in optimizer steps; "
+                                                                        "null = warmup_ratio * train.steps"})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "warmup as a fraction of train.steps, in [0, 1), "
+                                                               "when warmup_steps is null"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr = min_lr_ratio * lr (cosine, linear)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm; 0 = off"})
 
     def __post_init__(self):
         self.name = _enum(self.name, OptimName, "optim.name")
@@ -271,20 +300,29 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 200  # optimizer steps
-    total_batch_size: int = 8  # global batch in sequences (all micro-batches, all ranks)
-    micro_batch_size: int = 8  # sequences per forward pass per rank
-    precision: Precision = Precision.fp32
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    log_every: int = 10  # steps between metrics.jsonl rows
-    eval_every: int = 100  # steps between evaluations (0 = only at the end)
-    eval_tokens: int = 65536  # validation token budget (the same batches every time)
-    save_every: int = 100  # steps between checkpoints (0 = only at the end)
-    resume: str = ""  # "" = fresh run; "true" = latest checkpoint in the run folder; or a checkpoint path
-    layerwise: bool = False  # optimizer step per parameter inside backward
-    activation_checkpointing: bool = False  # recompute each decoder block in backward
-    parallel: Parallel = Parallel.ddp  # multi-process strategy under torchrun
-    num_threads: int = 0  # torch CPU threads; 0 = torch's default
+    """The training loop: length, batch, precision, device and the logging / eval / checkpoint cadence."""
+
+    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    total_batch_size: int = field(default=8, metadata={
+        "help": "global batch in sequences (all micro-batches, all ranks)"})
+    micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward pass per rank"})
+    precision: Precision = field(default=Precision.fp32, metadata={"help": "numeric precision of weights and "
+                                                                           "compute"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu) | cpu | cuda | "
+                                                          "cuda:N"})
+    log_every: int = field(default=10, metadata={"help": "steps between metrics.jsonl rows"})
+    eval_every: int = field(default=100, metadata={"help": "steps between evaluations (0 = only at the end)"})
+    eval_tokens: int = field(default=65536, metadata={"help": "validation token budget (the same batches every "
+                                                              "time)"})
+    save_every: int = field(default=100, metadata={"help": "steps between checkpoints (0 = only at the end)"})
+    resume: str = field(default="", metadata={
+        "help": '"" = fresh run; "true" = latest checkpoint in the run folder; or a checkpoint path'})
+    layerwise: bool = field(default=False, metadata={"help": "optimizer step per parameter inside backward "
+                                                             "(needs optim.grad_clip=0, one process)"})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder block in "
+                                                                            "backward"})
+    parallel: Parallel = field(default=Parallel.ddp, metadata={"help": "multi-process strategy under torchrun"})
+    num_threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default"})
 
     def __post_init__(self):
         self.precision = _enum(self.precision, Precision, "train.precision")
@@ -317,22 +355,72 @@ class TrainConfig:
 class RunConfig:
     """Everything one run needs; saved resolved as config.yaml in the run folder."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    seed: int = 0  # seed of model init (and everything not seeded elsewhere)
-    out_dir: str = "outputs"  # root of run folders
-    run_name: Optional[str] = None  # None = derived from the overrides
-    timestamp: bool = False  # append a time stamp to the derived run name
-    # experiment presets only: {method name: {dotted key: value}} applied at compose time for that method
-    # (GaLore's recipe uses another lr than SLTrain's) unless the command line sets the same key
-    method_recipes: Dict[str, Any] = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": ModelConfig.__doc__})
+    method: MethodConfig = field(default_factory=MethodConfig, metadata={"help": MethodConfig.__doc__})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": DataConfig.__doc__})
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig, metadata={"help": TokenizerConfig.__doc__})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": OptimConfig.__doc__})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": TrainConfig.__doc__})
+    seed: int = field(default=0, metadata={"help": "seed of model init (and everything not seeded elsewhere)"})
+    out_dir: str = field(default="outputs", metadata={"help": "root of run folders"})
+    run_name: Optional[str] = field(default=None, metadata={"help": "run folder name; null = derived from the "
+                                                                    "overrides"})
+    timestamp: bool = field(default=False, metadata={"help": "append a time stamp to the derived run name"})
+    method_recipes: Dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "experiment presets only: {method name: {dotted key: value}} applied at compose time for that "
+                "method (GaLore's recipe uses another lr than SLTrain's) unless the command line sets the key"})
 
     def __post_init__(self):
         # A rank larger than a layer dimension is rejected when the model is built (core), so that a sweep
         # records such a trial as failed instead of refusing the whole grid.
         _check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
                f"must be <= model.max_seq_len={self.model.max_seq_len}, got {self.data.seq_len}")
+
+
+# ----------------------------------------------------------------------------- field help
+
+def _config_class(cls_or_instance) -> type:
+    cls = cls_or_instance if isinstance(cls_or_instance, type) else type(cls_or_instance)
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"not a config dataclass: {cls!r}")
+    return cls
+
+
+def _field_types(cls: type) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)  # resolves the string annotations of ``from __future__ import annotations``
+
+
+def _enum_of(hint) -> Optional[type]:
+    for t in (hint, *typing.get_args(hint)):  # Optional[E] too
+        if isinstance(t, type) and issubclass(t, Enum):
+            return t
+    return None
+
+
+def field_help(cls_or_instance, name: str) -> str:
+    """The help of one field: ``field_help(RunConfig, "method.rank")`` or ``field_help(cfg.method, "rank")``.
+    An Enum field's help ends with its allowed values; a nested config's help is its docstring."""
+    cls = _config_class(cls_or_instance)
+    head, _, rest = name.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if head not in fields:
+        raise KeyError(f"{cls.__name__} has no field {head!r}")
+    hint = _field_types(cls)[head]
+    if rest:
+        return field_help(hint, rest)
+    text = " ".join(str(fields[head].metadata.get("help", "")).split())
+    enum_cls = _enum_of(hint)
+    if enum_cls is not None:
+        text += f" ({' | '.join(m.value for m in enum_cls)})"
+    return text
+
+
+def iter_help(cls_or_instance=None, prefix: str = ""):
+    """(dotted key, help) for every settable key, nested configs flattened: ('method.rank', 'r of B ...')."""
+    cls = _config_class(RunConfig if cls_or_instance is None else cls_or_instance)
+    types = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(types[f.name]):
+            yield from iter_help(types[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", field_help(cls, f.name)

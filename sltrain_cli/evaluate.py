@@ -50,35 +50,26 @@ def evaluate_run(run: Path | str, overrides: Sequence[str] = ()) -> dict:
     """`sltrain eval-ppl`: load a run's checkpoint and tokenizer, evaluate on the configured corpus
     (the run's own unless overrides say otherwise) and write RUN_DIR/eval/<data>.json."""
     from . import data as data_lib
-    from .checkpoint import (load_model_weights, read_overrides, resolve_checkpoint, run_dir_of, stored_config,
-                             write_json)
-    from .compose import from_container, load_config
-    from .configs import UserError
+    from .checkpoint import read_overrides, write_json
+    from .compose import load_config
     from .distributed import resolve_device
-    from .tokenizer import load_tokenizer
-    from .train import autocast_for, build_model
+    from .runs import autocast_for, load_run
 
-    try:
-        ckpt = resolve_checkpoint(run)
-    except FileNotFoundError as err:
-        raise UserError(f"RUN: {err}") from None
-    run_dir = run_dir_of(ckpt)
-    eval_cfg = load_config([*read_overrides(run_dir), *overrides])  # the run's data settings unless overridden
-    stored = from_container(stored_config(ckpt))
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    run = load_run(run)
+    eval_cfg = load_config([*read_overrides(run.run_dir), *overrides])  # the run's data settings unless overridden
+    stored, tokenizer, ckpt, run_dir = run.cfg, run.tokenizer, run.checkpoint, run.run_dir
     device = resolve_device(eval_cfg.train.device)
-    model_cfg = dataclasses.replace(stored.model, vocab_size=tokenizer.vocab_size)
-    model = build_model(model_cfg, stored.method, stored.seed, torch.device("cpu"), stored.train.precision)
-    load_model_weights(ckpt, model)
-    model.to(device)
+    model = run.model.to(device)
     # a local corpus the run did not train on is evaluated whole; otherwise the run's validation split
     data, trained_on = eval_cfg.data, stored.data
     whole = data.name.value == "local" and not data.streaming and (trained_on.name, trained_on.path) != (
         data.name, data.path)
+    corpus = data_lib.open_corpus(data)
     if whole:
-        val_set = data_lib.build_whole_corpus_set(data, tokenizer)
+        val_set = data_lib.build_whole_corpus_set(corpus, tokenizer)
     else:
-        _, val_set = data_lib.build_datasets(data, tokenizer, rows_per_step=eval_cfg.train.total_batch_size)
+        _, val_set = data_lib.build_datasets(corpus, tokenizer, rows_per_step=eval_cfg.train.total_batch_size,
+                                             cache_root=data_lib.cache_root(eval_cfg.tokenizer))
     batches = val_set.batches(eval_cfg.train.eval_tokens, eval_cfg.train.micro_batch_size)
     result = evaluate_ppl(model, batches, device, autocast_for(stored.train.precision, device))
     data_name = eval_cfg.data.name.value

@@ -7,13 +7,56 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypedDict
 
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
 from .checkpoint import atomic_write
+
+
+class RunSummary(TypedDict, total=False):
+    """summary.json of a pretrain run (train() returns it; cli, sweep and the tables read it)."""
+
+    command: str  # "pretrain"
+    run: str  # the run folder's name
+    run_dir: str
+    model: str
+    method: str
+    rank: int
+    delta: float
+    params_total: int
+    params_trainable: int
+    params_lowrank: int
+    params_sparse: int
+    index_entries: int
+    vocab_size: int
+    unigram_ppl: float  # add-one unigram baseline of the corpus
+    world_size: int
+    device: str
+    precision: str
+    est_mem_gb: Optional[float]  # paper-convention estimate (parameters + Adam state, bf16)
+    tokens: int
+    steps: int
+    val_loss: Optional[float]
+    val_ppl: Optional[float]
+    val_tokens: Optional[int]
+    tokens_per_s: Optional[float]
+    train_time_s: float
+    peak_mem_bytes: int
+    peak_mem_kind: str  # cuda_max_memory_allocated | cpu_peak_rss
+    optimizer_state_bytes: int
+    status: str  # completed | failed | interrupted
+
+
+SUMMARY_ROW_KEYS = ("model", "method", "rank", "delta", "params_total", "params_trainable", "tokens", "val_ppl",
+                    "tokens_per_s", "peak_mem_bytes", "est_mem_gb", "status")
+
+
+def summary_row(summary: RunSummary) -> dict:
+    """The row of results.csv for one run."""
+    return {"run": summary.get("run"), **{k: summary.get(k) for k in SUMMARY_ROW_KEYS}}
 
 def _fmt(value) -> str:
     if isinstance(value, float):
@@ -35,6 +78,11 @@ def to_frame(rows: Iterable[Mapping] | pd.DataFrame, columns: Optional[Sequence[
     if columns:
         df = df[[c for c in columns if c in df.columns]]
     return df
+
+
+def frame(rows: Sequence[Mapping]) -> pd.DataFrame:
+    """A table with object columns: integers stay integers (no 1234.0) next to the None of a failed trial."""
+    return pd.DataFrame(list(rows), dtype=object)
 
 
 def write_table(rows: Iterable[Mapping] | pd.DataFrame, stem: Path | str,

@@ -32,9 +32,10 @@ from typing import Any, Dict, List, Optional, Sequence
 from rich.console import Console
 
 from .checkpoint import read_overrides, read_summary, write_json
-from .compose import ALIASES, expand_grid, load_config, run_name
+from .compose import (drop_keys, expand_grid, find_override, load_config, override_key, parse_value, quote,
+                      run_name, split_override)
 from .configs import ConfigError
-from .results import make_console
+from .results import RunSummary, frame, make_console
 
 # Keys a sweep sets itself for every trial.
 RESERVED = ("run_name", "timestamp")
@@ -64,58 +65,23 @@ class Trial:
 class TrialResult:
     trial: Trial
     status: str  # completed | failed | interrupted
-    summary: Optional[dict]
+    summary: Optional[RunSummary]
     error: Optional[str] = None
     skipped: bool = False
     seconds: float = 0.0
-
-
-def quote(value: str) -> str:
-    """A Hydra-quoted override value (paths and trial names may hold '=' and ',')."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _key(override: str) -> str:
-    key = override.split("=", 1)[0].strip().lstrip("+~")
-    return ALIASES.get(key, key)
-
-
-def _value(text: str) -> Any:
-    """'64' -> 64, '0.03' -> 0.03, anything else stays a string (only for tables and plots)."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def drop_keys(overrides: Sequence[str], keys: Sequence[str]) -> List[str]:
-    """The overrides without those setting any of ``keys`` (aliases resolved: 'steps' matches 'train.steps')."""
-    canonical = {ALIASES.get(k, k) for k in keys}
-    return [o for o in overrides if _key(o) not in canonical]
-
-
-def find_override(overrides: Sequence[str], key: str) -> Optional[str]:
-    """The value the overrides give ``key`` (last one wins), or None."""
-    found = None
-    for o in overrides:
-        if "=" in o and _key(o) == ALIASES.get(key, key):
-            found = o.split("=", 1)[1]
-    return found
 
 
 # ----------------------------------------------------------------------------------------- planning
 def plan_trials(overrides: Sequence[str]) -> tuple[List[Trial], List[str]]:
     """Expand the grid; return the trials and the swept keys (as the user wrote them, in order)."""
     for o in overrides:
-        if "=" in o and _key(o) in RESERVED:
-            raise ConfigError(_key(o), "is set by the sweep for every trial; name the sweep with --name")
-        if "=" in o and _key(o) == "out_dir" and len(expand_grid([o])) > 1:
+        if "=" in o and override_key(o) in RESERVED:
+            raise ConfigError(override_key(o), "is set by the sweep for every trial; name the sweep with --name")
+        if "=" in o and override_key(o) == "out_dir" and len(expand_grid([o])) > 1:
             raise ConfigError("out_dir", "cannot be swept (it is the root of the sweep folder)")
     user = drop_keys(overrides, ["out_dir"])
     swept_idx = [i for i, o in enumerate(user) if len(expand_grid([o])) > 1]
-    swept_keys = [user[i].split("=", 1)[0].strip().lstrip("+~") for i in swept_idx]
+    swept_keys = [split_override(user[i])[0].lstrip("+~") for i in swept_idx]
     trials, seen = [], set()
     for combo in expand_grid(user):
         swept_ovs = [combo[i] for i in swept_idx]
@@ -123,7 +89,7 @@ def plan_trials(overrides: Sequence[str]) -> tuple[List[Trial], List[str]]:
         if name in seen:  # rank=64,64 -> one trial
             continue
         seen.add(name)
-        swept = {k: _value(o.split("=", 1)[1]) for k, o in zip(swept_keys, swept_ovs)}
+        swept = {k: parse_value(split_override(o)[1]) for k, o in zip(swept_keys, swept_ovs)}
         trials.append(Trial(name=name, overrides=list(combo), swept=swept))
     return trials, swept_keys
 
@@ -132,7 +98,7 @@ def sweep_name(overrides: Sequence[str]) -> str:
     """Deterministic folder name from the grid: ['rank=64,128', 'model=tiny'] -> 'rank=64+128,model=tiny'."""
     parts = []
     for o in drop_keys(overrides, ["out_dir", *RESERVED]):
-        key, value = o.split("=", 1)
+        key, value = split_override(o)
         parts.append(f"{key}={value.replace(',', '+')}")
     return run_name(parts)
 
@@ -157,7 +123,7 @@ def validate_trials(trials: Sequence[Trial], root: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------- running
-def completed_summary(trial: Trial, root: Path) -> Optional[dict]:
+def completed_summary(trial: Trial, root: Path) -> Optional[RunSummary]:
     """The trial's summary when it already completed with these same overrides, else None."""
     run_dir = trial.run_dir(root)
     try:
@@ -229,7 +195,7 @@ def run_trials(trials: Sequence[Trial], root: Path, console: Optional[Console] =
     return results
 
 
-def _ppl(summary: Optional[dict]) -> str:
+def _ppl(summary: Optional[RunSummary]) -> str:
     ppl = (summary or {}).get("val_ppl")
     return "-" if ppl is None else f"{ppl:.1f}"
 
@@ -244,13 +210,6 @@ def result_row(result: TrialResult, swept_keys: Sequence[str] = ()) -> dict:
                 "peak_mem_gb": round(peak / 1e9, 4) if peak else None, "est_mem_gb": s.get("est_mem_gb"),
                 "status": result.status, "error": result.error})
     return row
-
-
-def frame(rows: Sequence[dict]):
-    """A table with object columns: integers stay integers (no 1234.0) next to the None of a failed trial."""
-    import pandas as pd
-
-    return pd.DataFrame(list(rows), dtype=object)
 
 
 def plot_sweep(rows: Sequence[dict], folder: Path) -> List[Path]:

@@ -1,8 +1,9 @@
 """Tokenizers: what turns a corpus's documents into the token ids the model reads.
 
   bpe          a byte-level BPE (GPT-2 style pre-tokenization, <pad>=0, <eos>=1) trained on the training split of
-               the corpus (data.py) once, then read from tokenizers/ under tokenizer.cache_dir (keyed by the corpus
-               identity and the vocab size). The default for every corpus but c4.
+               the opened corpus (sltrain_cli.data.corpora) once, then read from tokenizers/ under the cache root
+               (tokenizer.cache_dir, else $SLTRAIN_CACHE_DIR or ~/.cache/sltrain; keyed by the corpus identity and
+               the vocab size). The default for every corpus but c4.
   t5           t5-base from the Hugging Face hub (the GaLore harness's tokenizer; the default for c4).
   pretrained   any tokenizer directory, tokenizer.json or SentencePiece .model at tokenizer.path.
 
@@ -14,11 +15,14 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, List, Optional, Sequence, Union
 
-from . import data as data_lib
 from .checkpoint import atomic_write
-from .configs import ConfigError, DataConfig, DataName, TokenizerConfig, TokenizerKind, UserError
+from .configs import ConfigError, DataName, TokenizerConfig, TokenizerKind, UserError
+from .data.cache import digest, hub_unreachable, require_c4
+
+if TYPE_CHECKING:
+    from .data.corpora import Corpus
 
 PAD, EOS = "<pad>", "<eos>"  # the BPE's special tokens (ids 0 and 1, as in T5)
 C4_TRAIN_DOCS_FOR_BPE = 20000  # documents of the C4 train stream a BPE is trained on (tokenizer.kind=bpe)
@@ -34,7 +38,6 @@ class Tokenizer:
 
     def __init__(self, backend: str, impl, name: str, eos_id: Optional[int] = None, pad_id: Optional[int] = None):
         self.backend, self._impl, self.name = backend, impl, name
-        self.cache_root: Optional[Path] = None  # set by build_tokenizer: where build_datasets caches token ids
         if backend == "tokenizers":
             ids = [impl.token_to_id(t) for t in (EOS, "</s>", "<|endoftext|>")]
             eos = eos_id if eos_id is not None else next((i for i in ids if i is not None), None)
@@ -84,7 +87,7 @@ class Tokenizer:
             blob = self._impl.backend_tokenizer.to_str()
         else:
             blob = json.dumps(sorted(self._impl.get_vocab().items()))
-        return data_lib.digest([self.backend, blob, self.eos_id, self.pad_id])
+        return digest([self.backend, blob, self.eos_id, self.pad_id])
 
     def save(self, directory: Union[str, Path]) -> None:
         """Write the tokenizer and a small meta file; ``load_tokenizer(directory)`` gives it back exactly."""
@@ -152,7 +155,7 @@ def _t5_base() -> Tokenizer:
 
     cached = any(isinstance(try_to_load_from_cache(r, "tokenizer_config.json"), str)
                  for r in ("t5-base", "google-t5/t5-base"))
-    reason = None if cached else data_lib.hub_unreachable()
+    reason = None if cached else hub_unreachable()
     if reason:
         raise UserError(f"tokenizer.kind=t5 needs t5-base from the Hugging Face hub, which is unreachable ({reason}); "
                         "pass tokenizer.path= (a spiece.model or tokenizer dir) or use tokenizer.kind=bpe")
@@ -178,15 +181,17 @@ def _train_bpe(docs: Iterable[str], vocab_size: int, length: Optional[int] = Non
     return tok
 
 
-def build_tokenizer(data_cfg: DataConfig, tok_cfg: TokenizerConfig) -> Tokenizer:
-    """The tokenizer ``tok_cfg`` asks for (kind auto: t5 for c4, BPE otherwise); a BPE is trained on the
-    training split once and then read from the cache."""
+def build_tokenizer(corpus: Corpus, tok_cfg: TokenizerConfig, cache_root: Path) -> Tokenizer:
+    """The tokenizer ``tok_cfg`` asks for (kind auto: t5 for c4, BPE otherwise) for an opened corpus; a BPE is
+    trained on the training split once and then read from tokenizers/ under cache_root
+    (``sltrain_cli.data.cache_root(tok_cfg)`` in a run)."""
+    data_cfg = corpus.cfg
     kind = tok_cfg.kind
     if kind == TokenizerKind.auto:
         kind = TokenizerKind.t5 if data_cfg.name == DataName.c4 else TokenizerKind.bpe
     if data_cfg.name == DataName.c4:
-        data_lib.require_c4()  # fail on the data first: a tokenizer alone would not make c4 work offline
-    root = Path(tok_cfg.cache_dir).expanduser() if tok_cfg.cache_dir else data_lib.default_cache_root()
+        require_c4()  # fail on the data first: a tokenizer alone would not make c4 work offline
+    root = Path(cache_root)
     if kind in (TokenizerKind.t5, TokenizerKind.pretrained):
         if tok_cfg.path:
             tok = load_tokenizer(tok_cfg.path)
@@ -195,10 +200,8 @@ def build_tokenizer(data_cfg: DataConfig, tok_cfg: TokenizerConfig) -> Tokenizer
                                                 "(a tokenizer directory or a spiece.model)")
         else:
             tok = _t5_base()
-        tok.cache_root = root
         return tok
-    corpus = data_lib.open_corpus(data_cfg)
-    path = root / "tokenizers" / f"bpe-{data_lib.digest(['bpe-v1', corpus.key, tok_cfg.vocab_size])}.json"
+    path = root / "tokenizers" / f"bpe-{digest(['bpe-v1', corpus.key, tok_cfg.vocab_size])}.json"
     if not path.is_file():
         if corpus.streaming:
             texts = (ex["text"] for ex in corpus.stream("train"))
@@ -211,5 +214,4 @@ def build_tokenizer(data_cfg: DataConfig, tok_cfg: TokenizerConfig) -> Tokenizer
         atomic_write(path, bpe.to_str(pretty=True))
     tok = load_tokenizer(path)
     tok.name = f"bpe{tok.vocab_size}-{corpus.name}"
-    tok.cache_root = root
     return tok

@@ -11,7 +11,6 @@ resumed at step k continues with the same batches and the same numbers as an uni
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import resource
@@ -23,42 +22,22 @@ from typing import Optional, Sequence
 import torch
 
 from . import data as data_lib
-from .checkpoint import (atomic_write, latest_checkpoint, load_model_weights, load_training_state,
-                         save_training_state, write_json, write_overrides)
+from .checkpoint import (atomic_write, latest_checkpoint, load_training_state, save_training_state, write_json,
+                         write_overrides)
 from .compose import to_container, to_yaml
-from .configs import MethodName, ModelConfig, Parallel, Precision, RunConfig, UserError
+from .configs import MethodName, ModelConfig, Parallel, RunConfig, UserError
 from .core import relora
-from .core.convert import apply_method, count_parameters
-from .core.model import LlamaForCausalLM
+from .core.convert import count_parameters
 from .core.optim import (LayerwiseOptimizer, build_optimizer, build_scheduler, check_layerwise,
                          optimizer_state_bytes)
 from .evaluate import evaluate_ppl
+from .results import RunSummary
+from .runs import autocast_for, build_model
 from .tokenizer import build_tokenizer
 from . import distributed
 
 
 # ----------------------------------------------------------------------------------------- pieces
-def autocast_for(precision: Precision, device: torch.device):
-    """A zero-argument context factory: bf16 autocast for bf16-mixed, nothing otherwise."""
-    if precision == Precision.bf16_mixed:
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
-def build_model(model_cfg: ModelConfig, method_cfg, seed: int, device: torch.device,
-                precision: Precision = Precision.fp32, warm_start: Optional[str] = None) -> torch.nn.Module:
-    """Seeded init, optional full-rank warm start (ReLoRA), method swap, device and dtype."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(model_cfg)
-    if warm_start:
-        load_model_weights(Path(warm_start), model)
-    model = apply_method(model, method_cfg)
-    model.to(device)
-    if precision == Precision.bf16_pure:
-        model.to(torch.bfloat16)
-    return model
-
-
 def peak_memory(device: torch.device) -> tuple[int, str]:
     """Peak memory in bytes and what it measures."""
     if device.type == "cuda":
@@ -80,12 +59,6 @@ def estimated_memory_gb(model_cfg: ModelConfig, method_cfg) -> Optional[float]:
 
     est = estimate_memory(model_cfg, method_cfg.name.value, method_cfg.rank, method_cfg.delta)
     return round(float(est["total_mem_gb"]), 4)
-
-
-def summary_row(summary: dict) -> dict:
-    return {"run": summary.get("run"), **{k: summary.get(k) for k in (
-        "model", "method", "rank", "delta", "params_total", "params_trainable", "tokens", "val_ppl",
-        "tokens_per_s", "peak_mem_bytes", "est_mem_gb", "status")}}
 
 
 def train_step(wrapped, input_ids: torch.Tensor, labels: torch.Tensor, accum: int, params, optimizer, scheduler,
@@ -113,6 +86,26 @@ def train_step(wrapped, input_ids: torch.Tensor, labels: torch.Tensor, accum: in
     return loss_sum, grad_norm
 
 
+@dataclasses.dataclass
+class TrainState:
+    """What the loop carries from step to step, saved with every checkpoint so that a resumed run continues
+    exactly where the saved one was: the same batches, the same random numbers, the same counters."""
+
+    step: int = 0  # optimizer steps completed
+    tokens: int = 0  # training tokens consumed (all ranks)
+    train_time: float = 0.0  # seconds spent in training steps (evaluation and checkpoints excluded)
+    data: dict = dataclasses.field(default_factory=dict)  # the training stream's position for the next step
+    rng: dict = dataclasses.field(default_factory=dict)  # {"torch": the CPU generator state}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "train_time": self.train_time, "data": self.data,
+                "rng": self.rng}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens, self.train_time = int(state["step"]), int(state["tokens"]), float(state["train_time"])
+        self.data, self.rng = state["data"], state["rng"]
+
+
 class _Metrics:
     """metrics.jsonl: one JSON object per logged step; on resume, rows past the checkpoint are dropped."""
 
@@ -130,7 +123,7 @@ class _Metrics:
 
 
 # ----------------------------------------------------------------------------------------- train
-def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress: bool = True) -> dict:
+def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress: bool = True) -> RunSummary:
     """Train one model as ``cfg`` says, writing everything into ``run_dir``; return the summary."""
     rt = distributed.init(cfg.train.device)
     device = rt.device
@@ -158,9 +151,10 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
 
     # data and tokenizer (rank 0 trains/caches the tokenizer first, the others then read the cache)
     with distributed.main_first(rt):
-        tokenizer = build_tokenizer(cfg.data, cfg.tokenizer)
-        train_stream, val_set = data_lib.build_datasets(cfg.data, tokenizer, rows_per_step=tcfg.total_batch_size,
-                                                        rank=rt.rank, world_size=rt.world_size)
+        corpus, cache_root = data_lib.open_corpus(cfg.data), data_lib.cache_root(cfg.tokenizer)
+        tokenizer = build_tokenizer(corpus, cfg.tokenizer, cache_root)
+        train_stream, val_set = data_lib.build_datasets(corpus, tokenizer, rows_per_step=tcfg.total_batch_size,
+                                                        rank=rt.rank, world_size=rt.world_size, cache_root=cache_root)
     if rt.is_main:
         tokenizer.save(run_dir / "tokenizer")
     unigram = data_lib.unigram_perplexity(train_stream, val_set)
@@ -181,22 +175,22 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
         scheduler = build_scheduler(optimizer, cfg.optim, mcfg, tcfg.steps)
 
     # resume
-    start_step, tokens_seen, train_time = 0, 0, 0.0
+    state = TrainState()
     resume_from = _resume_path(tcfg.resume, ckpt_dir, fsdp)
     if resume_from is not None:
-        extra = load_training_state(resume_from, model, optimizer, scheduler, rt, fsdp)
-        start_step, tokens_seen, train_time = extra["step"], extra["tokens"], extra["train_time"]
-        train_stream.load_state_dict(extra["data"])
-        torch.set_rng_state(extra["rng"]["torch"])
-        rt.print(f"resumed from {resume_from} at step {start_step}")
+        state.load_state_dict(load_training_state(resume_from, model, optimizer, scheduler, rt, fsdp))
+        train_stream.load_state_dict(state.data)
+        torch.set_rng_state(state.rng["torch"])
+        rt.print(f"resumed from {resume_from} at step {state.step}")
+    start_step = state.step
     metrics = _Metrics(run_dir / "metrics.jsonl", start_step, rt.is_main)
 
     def save(step: int, data_state: dict) -> None:
-        extra = {"step": step, "tokens": tokens_seen, "train_time": train_time, "data": data_state,
-                 "rng": {"torch": torch.get_rng_state()}, "config": to_container(cfg)}
-        save_training_state(ckpt_dir, step, model, optimizer, scheduler, extra, rt, fsdp)
+        state.step, state.data, state.rng = step, data_state, {"torch": torch.get_rng_state()}
+        save_training_state(ckpt_dir, step, model, optimizer, scheduler,
+                            {**state.state_dict(), "config": to_container(cfg)}, rt, fsdp)
 
-    summary = {"command": "pretrain", "run": run_dir.name, "run_dir": str(run_dir), "model": cfg.model.name,
+    summary: RunSummary = {"command": "pretrain", "run": run_dir.name, "run_dir": str(run_dir), "model": cfg.model.name,
                "method": mcfg.name.value, "rank": mcfg.rank, "delta": mcfg.delta,
                "params_total": counts["total"], "params_trainable": counts["trainable"],
                "params_lowrank": counts["lowrank"], "params_sparse": counts["sparse_values"],
@@ -220,28 +214,28 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
                     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
                     adapters = relora.merge_all(model, generator=gen)
                     relora.reset_optimizer_state(optimizer, adapters, mcfg.reset, mcfg.reset_ratio, generator=gen)
-                train_time += time.perf_counter() - t0
-                tokens_seen += tokens_per_step
+                state.train_time += time.perf_counter() - t0
+                state.tokens += tokens_per_step
                 done = step + 1
                 if done % tcfg.log_every == 0 or done == tcfg.steps:
                     loss_val = distributed.mean_across_ranks(loss_sum, rt)
                     lr = optimizer.param_groups[0]["lr"] if not tcfg.layerwise else optimizer.current_lr()
-                    row = {"step": done, "tokens": tokens_seen, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
-                           "tokens_per_s": tokens_seen / max(train_time, 1e-9), "elapsed_s": train_time}
+                    row = {"step": done, "tokens": state.tokens, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
+                           "tokens_per_s": state.tokens / max(state.train_time, 1e-9), "elapsed_s": state.train_time}
                     metrics.log(row)
                     bar.update(done, loss=loss_val, lr=lr, tps=row["tokens_per_s"])
                 else:
                     bar.update(done)
                 if tcfg.eval_every and done % tcfg.eval_every == 0 and done < tcfg.steps:
                     val = evaluate_ppl(wrapped, val_batches, device, autocast)
-                    metrics.log({"step": done, "tokens": tokens_seen, "val_loss": val["loss"], "val_ppl": val["ppl"]})
+                    metrics.log({"step": done, "tokens": state.tokens, "val_loss": val["loss"], "val_ppl": val["ppl"]})
                     bar.note(f"step {done}: val loss {val['loss']:.4f}  ppl {val['ppl']:.2f}")
                 if tcfg.save_every and done % tcfg.save_every == 0 and done < tcfg.steps:
                     save(done, train_stream.state_dict())
             step = tcfg.steps
         save(tcfg.steps, train_stream.state_dict())
         val = evaluate_ppl(wrapped, val_batches, device, autocast)
-        metrics.log({"step": tcfg.steps, "tokens": tokens_seen, "val_loss": val["loss"], "val_ppl": val["ppl"]})
+        metrics.log({"step": tcfg.steps, "tokens": state.tokens, "val_loss": val["loss"], "val_ppl": val["ppl"]})
         status = "completed"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -250,11 +244,11 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
             save(step, data_state)
     finally:
         peak, peak_kind = peak_memory(device)
-        summary.update({"tokens": tokens_seen, "steps": step if status != "completed" else tcfg.steps,
+        summary.update({"tokens": state.tokens, "steps": step if status != "completed" else tcfg.steps,
                         "val_loss": val["loss"] if val else None, "val_ppl": val["ppl"] if val else None,
                         "val_tokens": val["tokens"] if val else None,
-                        "tokens_per_s": tokens_seen / train_time if train_time else None,
-                        "train_time_s": train_time, "peak_mem_bytes": peak, "peak_mem_kind": peak_kind,
+                        "tokens_per_s": state.tokens / state.train_time if state.train_time else None,
+                        "train_time_s": state.train_time, "peak_mem_bytes": peak, "peak_mem_kind": peak_kind,
                         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
                         "status": status})
         if rt.is_main:

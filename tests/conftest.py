@@ -4,10 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import SMALL
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here; C4/t5 paths must fail fast, not hang
-
-SMALL = dict(max_docs=12, seq_len=32)  # DataConfig of the first 12 speeches: ~35k tokens with a 512 BPE
-
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
@@ -15,12 +14,6 @@ def cache_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("sltrain-cache")
     os.environ["SLTRAIN_CACHE_DIR"] = str(path)
     return path
-
-
-def tiny_overrides(out_dir, *extra):
-    """A run that takes a few seconds on CPU: tiny model, 8 steps, small vocab, few documents."""
-    return ["model=tiny", "train=tiny", "tokenizer.vocab_size=512", "data.max_docs=24", "data.seq_len=64", "train.num_threads=1",
-            f"out_dir={out_dir}", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +30,11 @@ def one_thread():
 def tok(cache_dir):
     """A 512-token BPE of the SMALL corpus (trained once, then read from the session cache)."""
     from sltrain_cli.configs import DataConfig, TokenizerConfig
+    from sltrain_cli.data import open_corpus
     from sltrain_cli.tokenizer import build_tokenizer
 
-    return build_tokenizer(DataConfig(**SMALL), TokenizerConfig(vocab_size=512, cache_dir=str(cache_dir)))
+    return build_tokenizer(open_corpus(DataConfig(**SMALL)), TokenizerConfig(vocab_size=512, cache_dir=str(cache_dir)),
+                           cache_dir)
 
 
 @pytest.fixture(scope="module")

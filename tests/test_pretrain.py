@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 from sltrain_cli import data as data_lib
 from sltrain_cli.checkpoint import LATEST, load_checkpoint
 from sltrain_cli.cli import app

@@ -6,9 +6,8 @@ import torch
 import torch.nn as nn
 
 from sltrain_cli.configs import ResetKind
-from sltrain_cli.core.optim import lr_factor
-from sltrain_cli.core.relora import (ReLoRALinear, merge_all, merge_due, relora_lr_factor,
-                                     reset_optimizer_state)
+from sltrain_cli.core.optim import lr_factor, relora_lr_factor
+from sltrain_cli.core.relora import ReLoRALinear, merge_all, merge_due, reset_optimizer_state
 
 
 def _trained_layer(seed=0, in_f=24, out_f=16, rank=4):

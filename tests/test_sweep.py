@@ -12,7 +12,7 @@ from sltrain_cli.cli import app
 from sltrain_cli.configs import ConfigError
 from sltrain_cli.sweep import plan_trials, run_sweep, sweep_name
 
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 
 def _console():

@@ -122,7 +122,10 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, model_cfg: ModelConfig):
         super().__init__()
         self.config = model_cfg
-        self.embed_tokens = nn.Embedding(model_cfg.vocab_size, model_cfg.hidden_size)
+        # on the meta device, skip nn.Embedding's own N(0, 1) draw: a meta normal_ imports torch._dynamo (~2 s)
+        meta = torch.get_default_device().type == "meta"
+        self.embed_tokens = nn.Embedding(model_cfg.vocab_size, model_cfg.hidden_size, _weight=torch.empty(
+            model_cfg.vocab_size, model_cfg.hidden_size) if meta else None)
         self.layers = nn.ModuleList(DecoderBlock(model_cfg) for _ in range(model_cfg.num_layers))
         self.norm = RMSNorm(model_cfg.hidden_size, model_cfg.rms_norm_eps)
         self.lm_head = nn.Linear(model_cfg.hidden_size, model_cfg.vocab_size, bias=False)

@@ -30,9 +30,14 @@ import torch.nn as nn
 
 from sltrain_cli.configs import MethodConfig, MethodName, OptimConfig, OptimName, Schedule, UserError
 from sltrain_cli.core.galore import GaLoreAdamW
-from sltrain_cli.core.relora import relora_lr_factor
 
 BNB_MISSING = "optim.name=adamw8bit needs bitsandbytes: pip install 'sltrain[bnb]'"
+# bitsandbytes 0.50 AdamW8bit state layout (optim/optimizer.py, Optimizer2State.init_state): a tensor with
+# fewer than min_8bit_size = 4096 entries keeps two fp32 moments; a larger one keeps two uint8 moments,
+# blockwise quantized with one fp32 absmax per 256 entries (blocksize 256). Used by memory.py's estimate
+# and by core/relora.py's 8-bit moment pruning.
+BNB_BLOCKSIZE = 256
+BNB_MIN_8BIT_SIZE = 4096
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -55,6 +60,24 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: floa
     else:
         decay = 1.0 - progress
     return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+
+def relora_lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float, merge_every: int,
+                     restart_warmup: int) -> float:
+    """The ReLoRA "jagged" cosine: the global warmup + cosine of ``core.optim.lr_factor``, except that for
+    the ``restart_warmup`` updates from each merge (update index k * merge_every, k >= 1) the factor ramps
+    linearly from 0 to the cosine value at the end of that re-warmup (ReLoRA's reference schedule).
+    ``step`` is the 0-based update index.
+    """
+    def base(s: int) -> float:
+        return lr_factor(s, total_steps, warmup_steps, min_lr_ratio, "cosine")
+
+    if step < warmup_steps or step < merge_every or restart_warmup <= 0:
+        return base(step)
+    since = step % merge_every
+    if since < restart_warmup:
+        return since / restart_warmup * base(step - since + restart_warmup)
+    return base(step)
 
 
 def warmup_steps(optim_cfg: OptimConfig, total_steps: int) -> int:

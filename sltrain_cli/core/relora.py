@@ -6,7 +6,7 @@ Every ``method.merge_every`` optimizer steps the adapter is folded into the dens
 (W0 <- W0 + (alpha/r) B A), A is re-drawn Kaiming-uniform and B zeroed, so the layer computes the same
 function right after a merge while the next adapter starts fresh. The adapters' Adam moments are then
 reset (zeroed or pruned, ``method.reset``) and the learning rate restarts from 0 with a short linear
-re-warmup (the "jagged" cosine schedule, ``relora_lr_factor``). The sum of many rank-r updates can reach
+re-warmup (the "jagged" cosine schedule, ``core.optim.relora_lr_factor``). The sum of many rank-r updates can reach
 full rank, but W0 is stored in full, so ReLoRA is not parameter efficient.
 
 How the train loop drives it (``s`` = number of optimizer steps completed so far)::
@@ -28,8 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sltrain_cli.configs import ResetKind
-
-_BNB_BLOCKSIZE = 256  # bitsandbytes' block size for blockwise-quantized 8-bit optimizer states
+from sltrain_cli.core.optim import BNB_BLOCKSIZE  # optim must never import this module
 
 
 class ReLoRALinear(nn.Module):
@@ -144,7 +143,7 @@ def _prune_8bit_(codes: torch.Tensor, qmap: torch.Tensor, absmax: torch.Tensor, 
                  ratio: float, generator) -> None:
     """Prune a bitsandbytes blockwise 8-bit state in place: pruned entries get the code of exactly 0.
 
-    The dequantized value of entry i is qmap[codes[i]] * absmax[i // 256]; magnitude pruning ranks that.
+    The dequantized value of entry i is qmap[codes[i]] * absmax[i // BNB_BLOCKSIZE]; magnitude pruning ranks that.
     """
     zero_code = int(torch.argmin(qmap.abs()).item())
     if kind == ResetKind.zero or ratio >= 1.0:
@@ -153,7 +152,7 @@ def _prune_8bit_(codes: torch.Tensor, qmap: torch.Tensor, absmax: torch.Tensor, 
     if ratio <= 0.0:
         return
     flat = codes.view(-1)
-    scale = absmax.reshape(-1).repeat_interleave(_BNB_BLOCKSIZE)[: flat.numel()]
+    scale = absmax.reshape(-1).repeat_interleave(BNB_BLOCKSIZE)[: flat.numel()]
     magnitude = qmap[flat.long()].abs() * scale
     keep = _keep_mask(magnitude, kind, ratio, generator)
     flat.masked_fill_(~keep, zero_code)
@@ -188,32 +187,10 @@ def reset_optimizer_state(optimizer, params: Iterable, kind: ResetKind, ratio: f
                     continue
                 if t.dtype == torch.uint8:
                     qmap, absmax = st.get(f"qmap{i}"), st.get(f"absmax{i}")
-                    if qmap is None or absmax is None or absmax.numel() * _BNB_BLOCKSIZE < t.numel():
+                    if qmap is None or absmax is None or absmax.numel() * BNB_BLOCKSIZE < t.numel():
                         raise RuntimeError(f"unsupported 8-bit optimizer state layout for {key}")
                     _prune_8bit_(t, qmap, absmax, kind, ratio, generator)
                 else:
                     _prune_dense_(t, kind, ratio, generator)
         n_reset += 1
     return n_reset
-
-
-# ----------------------------------------------------------------------------- jagged schedule
-
-def relora_lr_factor(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float, merge_every: int,
-                     restart_warmup: int) -> float:
-    """The ReLoRA "jagged" cosine: the global warmup + cosine of ``core.optim.lr_factor``, except that for
-    the ``restart_warmup`` updates from each merge (update index k * merge_every, k >= 1) the factor ramps
-    linearly from 0 to the cosine value at the end of that re-warmup (ReLoRA's reference schedule).
-    ``step`` is the 0-based update index.
-    """
-    from sltrain_cli.core.optim import lr_factor  # lazy: optim imports this module
-
-    def base(s: int) -> float:
-        return lr_factor(s, total_steps, warmup_steps, min_lr_ratio, "cosine")
-
-    if step < warmup_steps or step < merge_every or restart_warmup <= 0:
-        return base(step)
-    since = step % merge_every
-    if since < restart_warmup:
-        return since / restart_warmup * base(step - since + restart_warmup)
-    return base(step)
