@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test test-fast lint bench clean
 
 $(BIN)/sltrain: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check sltrain_cli tests benchmarks
 
 bench: setup
 	$(BIN)/python benchmarks/bench_layer.py

@@ -1,13 +1,15 @@
-"""Speed and memory of one layer: SparseLowRankLinear vs dense nn.Linear vs LowRankLinear, fwd + bwd.
+"""Speed and memory of one layer: SparseLowRankLinear's kernels (compose | factored | auto) vs dense nn.Linear.
 
-For each shape (in -> out, rank), token count and dtype it prints the median wall time of forward + backward (input
-gradient included, as inside a network) and the peak memory growth during that step (activations saved, the
-transient dense weight, gradients), each with its ratio to dense. Methods run interleaved, round-robin, so load on
-a shared machine hits them alike. Printed only, never asserted.
+For each shape (in -> out, rank, delta), token count and dtype it prints the median wall time of forward + backward
+(input gradient included, as inside a network) and the peak memory growth during that step (activations saved,
+transient tensors, gradients), each with its ratio to dense. Variants run interleaved, round-robin, so load on a
+shared machine hits them alike. ``auto`` is the kernel SparseLowRankLinear(kernel="auto") picks at its first call
+for that token count (the analytic cost model in sltrain_cli/core/sparse_kernels.py); its time is the measured time
+of that kernel (the same code), unless --time-auto times it as a separate layer. Printed only, never asserted.
 
-    python benchmarks/bench_layer.py                 # 60M and 1B-like shapes, 2048/8192 tokens, fp32 and bf16
-    python benchmarks/bench_layer.py --quick         # a small subset (seconds)
-    python benchmarks/bench_layer.py --shapes 60m --tokens 2048 --dtypes fp32 --repeats 9
+    python benchmarks/bench_layer.py --threads 1                   # 60M, 1B and 7B shapes, 512/2048/8192 tokens
+    python benchmarks/bench_layer.py --quick                       # a small subset (seconds)
+    python benchmarks/bench_layer.py --shapes 1b --tokens 512 --dtypes fp32 --repeats 9 --threads 1
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` minus what was allocated before the step; on CPU the peak of
 live tensor storage created during the step, tracked op by op with a dispatch mode (a separate, untimed run).
@@ -30,16 +32,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sltrain_cli.core.lowrank import LowRankLinear  # noqa: E402
 from sltrain_cli.core.sparse_lowrank import SparseLowRankLinear  # noqa: E402
 
-SHAPES = {  # (in, out, rank)
-    "60m": [(512, 512, 128), (512, 1376, 128), (1376, 512, 128)],
-    "1b": [(2048, 2048, 512), (2048, 5461, 512)],
+SHAPES = {  # (in, out, rank, delta): the paper's recipes (1B: r 512, delta 0.03; 7B: r 1024, delta 0.05)
+    "60m": [(512, 512, 128, 0.03), (512, 1376, 128, 0.03), (1376, 512, 128, 0.03)],
+    "1b": [(2048, 2048, 512, 0.03), (2048, 5461, 512, 0.03), (5461, 2048, 512, 0.03)],
+    "7b": [(4096, 4096, 1024, 0.05), (4096, 11008, 1024, 0.05)],
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-METHODS = ("dense", "lowrank", "sltrain")
+METHODS = ("dense", "lowrank", "compose", "factored")
 
 
-class _PeakStorage(TorchDispatchMode):
-    """Peak bytes of tensor storage created (and still alive) while the mode is active."""
+class PeakStorage(TorchDispatchMode):
+    """Peak bytes of (strided) tensor storage created and still alive while the mode is active."""
 
     def __init__(self):
         super().__init__()
@@ -53,9 +56,9 @@ class _PeakStorage(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
+                  if isinstance(t, torch.Tensor) and t.layout == torch.strided}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.layout == torch.strided:
                 s = t.untyped_storage()
                 key, nbytes = s.data_ptr(), s.nbytes()
                 # views and in-place results share an input's storage: not an allocation
@@ -73,7 +76,8 @@ def build(method: str, n_in: int, n_out: int, rank: int, delta: float, device, d
     elif method == "lowrank":
         layer = LowRankLinear(n_in, n_out, rank)
     else:
-        layer = SparseLowRankLinear(n_in, n_out, rank, delta, alpha=32.0, support_seed=0)
+        layer = SparseLowRankLinear(n_in, n_out, rank, delta, alpha=32.0, support_seed=0,
+                                    kernel="auto" if method == "auto" else method)
         nn.init.normal_(layer.B, std=0.02)
     return layer.to(device=device, dtype=dtype)
 
@@ -106,30 +110,44 @@ def peak_growth(step, device) -> int:
         step()
         sync(device)
         return torch.cuda.max_memory_allocated(device) - base
-    with _PeakStorage() as tracker:
+    with PeakStorage() as tracker:
         step()
     return tracker.peak
 
 
-def bench_case(n_in, n_out, rank, tokens, dtype, device, args) -> dict:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, n_in, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
-    g = torch.randn(tokens, n_out, generator=gen).to(device=device, dtype=dtype)
-    steps = {m: make_step(build(m, n_in, n_out, rank, args.delta, device, dtype), x, g) for m in METHODS}
-    times = {m: [] for m in METHODS}
-    for _ in range(args.warmup):
-        for m in METHODS:
+def interleaved_medians(steps: dict, repeats: int, warmup: int, device) -> dict:
+    """Median seconds per step of each variant, timed round-robin (noise lands on every variant alike)."""
+    times = {m: [] for m in steps}
+    for _ in range(warmup):
+        for m in steps:
             steps[m]()
-    for _ in range(args.repeats):
-        for m in METHODS:  # interleaved: noise from other processes lands on every method alike
+    for _ in range(repeats):
+        for m in steps:
             sync(device)
             t0 = time.perf_counter()
             steps[m]()
             sync(device)
             times[m].append(time.perf_counter() - t0)
-    row = {m: statistics.median(times[m]) * 1e3 for m in METHODS}
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
+def bench_case(n_in, n_out, rank, delta, tokens, dtype, device, args) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, n_in, generator=gen).to(device=device, dtype=dtype).requires_grad_(True)
+    g = torch.randn(tokens, n_out, generator=gen).to(device=device, dtype=dtype)
+    methods = [m for m in METHODS if m in args.methods] + (["auto"] if args.time_auto else [])
+    layers = {m: build(m, n_in, n_out, rank, delta, device, dtype) for m in methods}
+    probe = build("auto", n_in, n_out, rank, delta, "meta", dtype)
+    picked = probe.choose_kernel(tokens, dtype, device)
+    steps = {m: make_step(layers[m], x, g) for m in methods}
+    row = {m: t * 1e3 for m, t in interleaved_medians(steps, args.repeats, args.warmup, device).items()}
+    if not args.time_auto and picked in row:
+        row["auto"] = row[picked]
+    row["picked"] = picked
     if not args.no_memory:
-        row.update({f"{m}_mem": peak_growth(steps[m], device) / 2 ** 20 for m in METHODS})
+        row.update({f"{m}_mem": peak_growth(steps[m], device) / 2 ** 20 for m in methods})
+        if not args.time_auto and f"{picked}_mem" in row:
+            row["auto_mem"] = row[f"{picked}_mem"]
     return row
 
 
@@ -137,13 +155,15 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="60M shapes, 2048 tokens, fp32, 3 repeats")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--tokens", nargs="+", type=int, default=[2048, 8192])
+    p.add_argument("--tokens", nargs="+", type=int, default=[512, 2048, 8192])
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    p.add_argument("--delta", type=float, default=0.03)
-    p.add_argument("--repeats", type=int, default=None, help="timed steps per method (default 5; 3 with --quick)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 5; 3 with --quick)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--time-auto", action="store_true", help="time auto as its own layer instead of reusing the "
+                                                             "time of the kernel it picks")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     args = p.parse_args(argv)
     if args.quick:
@@ -157,24 +177,34 @@ def main(argv=None) -> None:
         torch.zeros(1, device=device).sum()  # create the CUDA context on this thread before autograd's does
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
-    print(f"# bench_layer: {where}, torch {torch.__version__}, delta {args.delta}, "
-          f"median of {args.repeats} fwd+bwd steps (after {args.warmup} warm-up)")
-    print("| shape (rank) | tokens | dtype | dense ms | lowrank ms (x dense) | sltrain ms (x dense) "
-          + ("" if args.no_memory else "| dense MB | lowrank MB (x) | sltrain MB (x) ") + "|")
-    print("|---|---|---|---|---|---" + ("" if args.no_memory else "|---|---|---") + "|")
+    print(f"# bench_layer: {where}, torch {torch.__version__}, median of {args.repeats} interleaved fwd+bwd steps "
+          f"(after {args.warmup} warm-up); ratios to dense")
+    cols = ["dense"] + [m for m in METHODS[1:] if m in args.methods] + ["auto"]
+    head = "| shape (rank, delta) | tokens | dtype | " + " | ".join(
+        f"{m} ms" + ("" if m == "dense" else " (x)") for m in cols)
+    if not args.no_memory:
+        head += " | " + " | ".join(f"{m} MB" + ("" if m == "dense" else " (x)") for m in cols)
+    print(head + " |")
+    print("|" + "---|" * (head.count("|")))
     for shape_set in args.shapes:
-        for n_in, n_out, rank in SHAPES[shape_set]:
+        for n_in, n_out, rank, delta in SHAPES[shape_set]:
             for tokens in args.tokens:
                 for dname in args.dtypes:
-                    r = bench_case(n_in, n_out, rank, tokens, DTYPES[dname], device, args)
-                    line = (f"| {n_in}->{n_out} ({rank}) | {tokens} | {dname} | {r['dense']:.1f} | "
-                            f"{r['lowrank']:.1f} ({r['lowrank'] / r['dense']:.2f}) | "
-                            f"{r['sltrain']:.1f} ({r['sltrain'] / r['dense']:.2f}) ")
+                    r = bench_case(n_in, n_out, rank, delta, tokens, DTYPES[dname], device, args)
+                    cells = []
+                    for m in cols:
+                        if m not in r:
+                            cells.append("-")
+                            continue
+                        label = f" {r['picked']}" if m == "auto" else ""
+                        cells.append(f"{r[m]:.1f}" if m == "dense" else f"{r[m]:.1f} ({r[m] / r['dense']:.2f}{label})")
                     if not args.no_memory:
-                        line += (f"| {r['dense_mem']:.1f} | {r['lowrank_mem']:.1f} "
-                                 f"({r['lowrank_mem'] / r['dense_mem']:.2f}) | {r['sltrain_mem']:.1f} "
-                                 f"({r['sltrain_mem'] / r['dense_mem']:.2f}) ")
-                    print(line + "|", flush=True)
+                        for m in cols:
+                            key = f"{m}_mem"
+                            cells.append("-" if key not in r else f"{r[key]:.1f}" if m == "dense" else
+                                         f"{r[key]:.1f} ({r[key] / max(r['dense_mem'], 1e-9):.2f})")
+                    print(f"| {n_in}->{n_out} ({rank}, {delta:g}) | {tokens} | {dname} | " + " | ".join(cells) + " |",
+                          flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 Each variant is one `sltrain pretrain` run in a fresh process (so peak RSS is per run), with the same
 seed, data order and token count. Columns: total / trainable params, optimizer-state bytes (counted from the
 optimizer's tensors after training), peak resident memory of the process, the peak of live torch
-allocations during 3 training steps (torch.profiler, via sltrain_cli.memory.measure_memory), tokens/s and the
+allocations during 3 training steps (torch.profiler, via sltrain_cli.measure.measure_memory), tokens/s and the
 final validation perplexity; ratios are to full-rank AdamW. Short runs rank methods only roughly: with a
 few dozen steps, perplexity mostly reflects early learning speed, not the paper's converged numbers.
 """
@@ -52,7 +52,7 @@ def run_variant(name: str, extra: list[str], common: list[str], out: Path) -> di
 def measured_alloc_peak(extra: list[str], common: list[str], batch: int, seq: int) -> float | None:
     """Peak live torch allocations (MB) for 3 steps of the same model, method and optimizer."""
     from sltrain_cli.compose import load_config
-    from sltrain_cli.memory import measure_memory
+    from sltrain_cli.measure import measure_memory
 
     cfg = load_config([*common, *extra])
     model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.tokenizer.vocab_size)
@@ -95,7 +95,7 @@ def main() -> None:
         if r.get("status") != "completed":
             print(f"| {r['variant']} | failed: {r.get('error')} |")
             continue
-        ratio = lambda k: f" ({r[k] / ref[k]:.2f})" if ref and ref.get(k) else ""  # noqa: E731
+        ratio = lambda k, r=r: f" ({r[k] / ref[k]:.2f})" if ref and ref.get(k) else ""  # noqa: E731
         print(f"| {r['variant']} | {r['params_total'] / 1e6:.2f} | {r['params_trainable'] / 1e6:.2f} | "
               f"{r['optimizer_state_bytes'] / 2**20:.1f}{ratio('optimizer_state_bytes')} | "
               f"{r['peak_mem_bytes'] / 2**20:.0f} | {r['alloc_peak_mb']:.1f}{ratio('alloc_peak_mb')} | "

@@ -39,10 +39,11 @@ import torch
 from rich.console import Console
 
 from .ablate_pruning import dense_of, study_pruning, svd_split, target_modules
-from .checkpoint import atomic_torch_save, latest_checkpoint
+from .checkpoint import latest_checkpoint
 from .compose import drop_keys, find_override, load_config, quote, run_name, split_override
 from .configs import ConfigError, MethodName, Precision, UserError
 from .core.model import LlamaForCausalLM
+from .files import atomic_torch_save
 from .results import frame, make_console, plot_lines, print_table, write_table
 from .runs import load_run
 from .sweep import Trial, out_root, run_trials, validate_trials
@@ -116,8 +117,8 @@ def run_study(overrides: Sequence[str], console: Optional[Console] = None) -> Li
     if study in ("pruning", "spectrum"):
         need = {"pruning": "from", "spectrum": "runs"}[study]
         if need not in own:
-            raise ConfigError(need, f"is required for study={study} "
-                                    f"({'a trained full-rank run folder' if need == 'from' else 'RUN_DIR1,RUN_DIR2,...'})")
+            what = "a trained full-rank run folder" if need == "from" else "RUN_DIR1,RUN_DIR2,..."
+            raise ConfigError(need, f"is required for study={study} ({what})")
     cfg = load_config(rest)  # the pretrain overrides are checked before anything runs
     if cfg.train.num_threads:  # for the work done in this process (pruning, spectrum), as train() does
         torch.set_num_threads(cfg.train.num_threads)
@@ -216,7 +217,8 @@ def study_strategy(own, rest, folder: Path, console: Console) -> List[dict]:
     rows = [{"support": r.trial.swept["support"], "val_ppl": (r.summary or {}).get("val_ppl"),
              "val_loss": (r.summary or {}).get("val_loss"), "final_train_loss": _final_loss(r.trial.run_dir(folder)),
              "params_trainable": (r.summary or {}).get("params_trainable"),
-             "steps": (r.summary or {}).get("steps"), "extra_full_rank_steps": warmup if r.trial.swept["support"] == "top" else 0,
+             "steps": (r.summary or {}).get("steps"),
+             "extra_full_rank_steps": warmup if r.trial.swept["support"] == "top" else 0,
              "status": r.status, "error": r.error} for r in results]
     _write(rows, folder, f"support strategies ({folder.name})", console)
     return rows

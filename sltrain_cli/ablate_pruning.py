@@ -26,13 +26,13 @@ import torch
 from rich.console import Console
 
 from . import data as data_lib
-from .checkpoint import read_overrides
 from .compose import drop_keys, load_config, split_override
 from .configs import ConfigError, MethodName, Precision
 from .core.optim import build_optimizer, build_scheduler
 from .core.sparse_lowrank import SparseLowRankLinear, sample_support
 from .distributed import resolve_device
 from .evaluate import evaluate_ppl
+from .files import read_overrides
 from .results import frame, plot_lines, print_table, write_table
 from .runs import LoadedRun, autocast_for, load_run
 from .train import train_step

@@ -1,76 +1,25 @@
-"""Atomic files and training checkpoints.
+"""Training checkpoints: one file per step (one process, DDP) or a sharded folder (FSDP), written atomically.
 
-Everything a run writes that someone may read later (checkpoints, summary.json, tables, tokenizer and token-id
-caches) goes through ``atomic_write`` (``atomic_torch_save`` for torch objects): write a temp file in the same
-folder, fsync, then ``os.replace`` — a crash leaves either the old file or the new one, never half of one.
 Checkpoints hold only tensors, numbers, strings and plain containers, so ``torch.load(path,
-weights_only=True)`` reads them.
+weights_only=True)`` reads them. Files are written through files.py (temp file, fsync, rename).
 
 Layout: ``RUN_DIR/checkpoints/step_000100.pt`` plus ``latest`` (a text file naming the newest). Sharded
 (FSDP) checkpoints are folders ``step_000100/`` written with torch.distributed.checkpoint.
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
+import re
+import shutil
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 
+from .files import atomic_torch_save, atomic_write
+
 LATEST = "latest"
-
-
-def atomic_write(path: Path | str, data: bytes | str) -> None:
-    raw = data.encode() if isinstance(data, str) else data
-    _write_then_replace(path, lambda f: f.write(raw))
-
-
-def atomic_torch_save(path: Path | str, obj: Any) -> None:
-    """``torch.save(obj)`` with the same guarantee, written straight to the temp file (no copy in memory)."""
-    _write_then_replace(path, lambda f: torch.save(obj, f))
-
-
-def _write_then_replace(path: Path | str, write: Callable[[BinaryIO], Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path | str, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def read_json(path: Path | str) -> Any:
-    return json.loads(Path(path).read_text())
-
-
-# ------------------------------------------------------------------------------ run folder files
-def write_overrides(run_dir: Path | str, overrides) -> None:
-    """overrides.txt: the user's overrides, one per line (a value may hold spaces)."""
-    atomic_write(Path(run_dir) / "overrides.txt", "".join(o + "\n" for o in overrides))
-
-
-def read_overrides(run_dir: Path | str) -> list:
-    """The overrides a run was started with ([] when the folder has no overrides.txt)."""
-    path = Path(run_dir) / "overrides.txt"
-    return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def read_summary(run_dir: Path | str) -> Optional[dict]:
-    """The run's summary.json, or None when it has none yet."""
-    path = Path(run_dir) / "summary.json"
-    return read_json(path) if path.is_file() else None
+_NAME = re.compile(r"^step_(\d{6,})(\.pt)?$")
 
 
 def checkpoint_name(step: int) -> str:
@@ -89,12 +38,60 @@ def mark_latest(ckpt_dir: Path, name: str) -> None:
     atomic_write(ckpt_dir / LATEST, name + "\n")
 
 
-def latest_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+def step_of(path: Path) -> Optional[int]:
+    """100 for step_000100.pt or step_000100/, None for anything else."""
+    m = _NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def list_checkpoints(ckpt_dir: Path) -> List[Path]:
+    """The checkpoints in ``ckpt_dir``, newest (highest step) first."""
+    found = [p for p in Path(ckpt_dir).iterdir() if step_of(p) is not None] if Path(ckpt_dir).is_dir() else []
+    return sorted(found, key=step_of, reverse=True)
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """None when ``path`` is a loadable sltrain checkpoint, else why not (one short phrase)."""
+    path = Path(path)
+    if path.is_dir() and not (path / ".metadata").is_file():
+        return "a sharded checkpoint folder without .metadata"
+    try:
+        state = torch.load(path / "extra.pt" if path.is_dir() else path, map_location="cpu", weights_only=True,
+                           mmap=True)
+    except Exception as err:  # noqa: BLE001 - truncated, empty, not a torch file, unreadable: all the same to us
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return f"{type(err).__name__}{': ' + text[:120] if text else ''}"
+    if not isinstance(state, dict) or "config" not in state or "step" not in state:
+        return "not an sltrain checkpoint (no config / step inside)"
+    return None
+
+
+def latest_checkpoint(ckpt_dir: Path, warn: Optional[Callable[[str], None]] = None) -> Optional[Path]:
+    """The newest checkpoint that loads: the one ``latest`` names, else the next older good one (each one
+    skipped is reported through ``warn``). None when there is none."""
+    ckpt_dir = Path(ckpt_dir)
     marker = ckpt_dir / LATEST
-    if not marker.is_file():
-        return None
-    path = ckpt_dir / marker.read_text().strip()
-    return path if path.exists() else None
+    named = [ckpt_dir / marker.read_text().strip()] if marker.is_file() else []
+    for path in dict.fromkeys([*named, *list_checkpoints(ckpt_dir)]):
+        if not path.exists():
+            continue
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        if warn is not None:
+            warn(f"checkpoint {path} cannot be loaded ({problem}); trying an older one")
+    return None
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int, final_step: int) -> List[Path]:
+    """Delete all but the ``keep`` newest checkpoints (the final one, at ``final_step``, is always kept);
+    ``keep`` 0 keeps everything. Returns what was deleted."""
+    if keep <= 0:
+        return []
+    older = [p for p in list_checkpoints(ckpt_dir) if step_of(p) != final_step][keep:]
+    for p in older:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return older
 
 
 def resolve_checkpoint(path_or_run: Path | str) -> Path:
@@ -106,6 +103,9 @@ def resolve_checkpoint(path_or_run: Path | str) -> Path:
             raise FileNotFoundError(f"no checkpoint in {path / 'checkpoints'}")
         return found
     if path.exists():
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise FileNotFoundError(f"{path} is not a usable checkpoint: {problem}")
         return path
     raise FileNotFoundError(f"{path} is neither a run folder nor a checkpoint")
 
@@ -147,8 +147,6 @@ def save_training_state(ckpt_dir: Path, step: int, model, optimizer, scheduler, 
     final = ckpt_dir / checkpoint_name(step)
     tmp = ckpt_dir / f".{checkpoint_name(step)}.tmp"
     if rt.is_main:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
@@ -158,8 +156,6 @@ def save_training_state(ckpt_dir: Path, step: int, model, optimizer, scheduler, 
         atomic_torch_save(tmp / "extra.pt", {"scheduler": sched, **extra})
     dist.barrier()
     if rt.is_main:
-        import shutil
-
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         mark_latest(ckpt_dir, final.name)

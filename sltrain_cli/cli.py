@@ -87,15 +87,22 @@ def pretrain(overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDE
     if not _is_main():
         return
     row = summary_row(summary)
-    upsert_row(run_dir.parent / "results.csv", row)
+    if not summary.get("skipped"):
+        upsert_row(run_dir.parent / "results.csv", row)
     print_record(row, title=f"pretrain -> {run_dir}")
     if summary.get("val_ppl") is not None:
         typer.echo(f"validation perplexity {summary['val_ppl']:.2f} on {summary['val_tokens']:,} tokens "
                    f"(unigram baseline of this corpus: {summary['unigram_ppl']:.2f})")
+    resume = " ".join([*(o for o in overrides if not o.startswith("train.resume=")), "train.resume=true"])
     if summary["status"] == "interrupted":
-        typer.echo(f"interrupted at step {summary['steps']}; resume with: sltrain pretrain "
-                   f"{' '.join(overrides)} train.resume=true", err=True)
-        raise typer.Exit(130)
+        typer.echo(f"interrupted ({summary.get('signal', 'SIGINT')}) after step {summary['steps']}; "
+                   f"resume with: sltrain pretrain {resume}", err=True)
+        raise typer.Exit(summary.get("exit_code", 130))
+    if summary["status"] == "diverged":
+        typer.echo(f"diverged: non-finite loss or gradient norm at step {summary['diverged_step']}; the last good "
+                   f"checkpoint is {summary.get('last_checkpoint') or 'none'}. Lower the learning rate (lr=) or "
+                   "enable clipping (optim.grad_clip=1.0) and start over with train.overwrite=true", err=True)
+        raise typer.Exit(3)
 
 
 @app.command("eval-ppl")
@@ -121,10 +128,19 @@ def sweep(overrides: Optional[List[str]] = typer.Argument(None, help="Overrides;
           dry_run: bool = typer.Option(False, "--dry-run", help="List the trials and exit."),
           name: Optional[str] = typer.Option(None, "--name", help="Sweep folder name (default: from the grid).")):
     """Run a grid of pretrain trials (one fresh process each; finished trials are skipped) and aggregate
-    outputs/sweep/<name>/results.csv, results.md and a ppl-vs-params plot."""
+    outputs/sweep/<name>/results.csv, results.md and a ppl-vs-params plot.
+
+    Ctrl-C / SIGTERM stop the running trial at a step boundary (it saves a checkpoint); the same command
+    again resumes it. Exit code: 0 all trials completed, 1 a trial failed, 130 / 143 interrupted.
+    """
     from .sweep import run_sweep
 
-    run_sweep(list(overrides or []), dry_run=dry_run, name=name)
+    rows = run_sweep(list(overrides or []), dry_run=dry_run, name=name)
+    interrupted = [r.get("exit_code") or 130 for r in rows if r["status"] == "interrupted"]
+    if interrupted:
+        raise typer.Exit(interrupted[0])
+    if any(r["status"] == "failed" for r in rows):
+        raise typer.Exit(1)
 
 
 @app.command("ablate-support")
@@ -169,7 +185,7 @@ def memory_estimate(size: str = typer.Option("60m", "--size", help="60m|130m|350
     int64 indices) beside a fuller one (gradients, 8-bit moments, activations); --measure adds a measurement."""
     from .memory import memory_rows
     from .results import markdown, print_table, to_frame
-    from .checkpoint import atomic_write
+    from .files import atomic_write
 
     rows = memory_rows(size, method, rank=rank, delta=delta, optimizer=optimizer, layerwise=layerwise,
                        index_dtype=index_dtype, batch_size=batch_size, seq_len=seq_len,
@@ -203,6 +219,57 @@ def _memory_display(row: dict) -> dict:
     if "measured_gb" in row:
         out.update({"measured GB": row["measured_gb"], "measured/ours": row.get("ratio")})
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+RUN_HELP = ("A run folder (its latest checkpoint), a checkpoint file (RUN_DIR/checkpoints/step_NNNNNN.pt) "
+            "or a sharded (FSDP) checkpoint folder.")
+
+
+@app.command("export")
+@_user_errors
+def export(run: Path = typer.Argument(..., help=RUN_HELP),
+           out: Optional[Path] = typer.Option(None, "--out", help="Folder to write (replaced if it holds an "
+                                                                  "earlier export). Default: RUN_DIR/export for the "
+                                                                  "latest checkpoint, RUN_DIR/export-step_NNNNNN for "
+                                                                  "an earlier one."),
+           dtype: str = typer.Option("fp32", "--dtype", help="Weight dtype in model.safetensors: fp32 (exact) or "
+                                                             "bf16 (half the size).")):
+    """Write a Hugging Face LlamaForCausalLM folder (config.json, model.safetensors, tokenizer, README.md).
+
+    The method's layers are multiplied out into dense weights (SLTrain: (alpha/r) B A + S), so
+    transformers.AutoModelForCausalLM.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR) load it
+    without sltrain.
+    """
+    import warnings
+
+    from .export import ExportNote, export_run
+
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always", ExportNote)
+        path = export_run(run, out, dtype)
+    for note in notes:
+        if issubclass(note.category, ExportNote):  # not the libraries' warnings the load raises
+            typer.echo(f"note: {note.message}", err=True)
+    typer.echo(f"exported -> {path}  (AutoModelForCausalLM.from_pretrained({str(path)!r}))")
+
+
+@app.command("generate")
+@_user_errors
+def generate(run: Path = typer.Argument(..., help=RUN_HELP),
+             prompt: str = typer.Option(..., "--prompt", help="Text to continue (\"\" starts a new document)."),
+             max_new_tokens: int = typer.Option(50, "--max-new-tokens", help="Most tokens to add; stops earlier "
+                                                                             "at the end-of-sequence token."),
+             temperature: float = typer.Option(0.8, "--temperature", help="Sampling temperature; 0 = greedy "
+                                                                          "(always the most likely token)."),
+             top_k: int = typer.Option(50, "--top-k", help="Sample among the k most likely tokens; 0 = all."),
+             seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same text.")):
+    """Print the prompt and a continuation sampled from the trained model in its own (sparse + low-rank) form.
+
+    The context is cropped to the model's last max_seq_len tokens.
+    """
+    from .export import generate as sample
+
+    typer.echo(sample(run, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed))
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
-"""Overrides -> typed RunConfig, through Hydra's Compose API. The only hydra/omegaconf import besides
-memory.py's YAML reading.
+"""Overrides -> typed RunConfig, through Hydra's Compose API. The only hydra/omegaconf import (memory.py
+reads the paper presets through ``option_values``).
 
     load_config(["model=llama_60m", "rank=64", "lr=3e-3"]) -> RunConfig
 
@@ -49,6 +49,14 @@ def conf_dir() -> Path:
 def group_options(group: str) -> List[str]:
     """The option names of a config group, e.g. group_options('model') -> ['llama_130m', ...]."""
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+def option_values(group: str, option: str) -> dict:
+    """The values conf/<group>/<option>.yaml sets itself, as a plain dict (its defaults list dropped, nothing
+    composed or checked): a cheap read of one preset, e.g. option_values('experiment', 'paper_7b')['method']."""
+    data = OmegaConf.to_container(OmegaConf.load(conf_dir() / group / f"{option}.yaml")) or {}
+    data.pop("defaults", None)
+    return data
 
 
 def split_override(override: str) -> tuple[str, str]:
@@ -223,15 +231,52 @@ def from_container(data: dict) -> RunConfig:
         raise ConfigError(getattr(err, "full_key", None) or "config", str(err).splitlines()[0]) from None
 
 
+NOT_IN_RUN_NAME = ("out_dir", "run_name", "timestamp", "train.resume", "train.overwrite")  # where / how, not what
+
+
+def read_config_file(path: Path | str) -> dict:
+    """A run folder's config.yaml as a plain container (like ``to_container``); ConfigError if unreadable."""
+    try:
+        return to_container(from_container(OmegaConf.to_container(OmegaConf.load(str(path)))))
+    except (OSError, OmegaConfBaseException, ValueError) as err:
+        raise ConfigError("config.yaml", f"cannot read {path}: {str(err).splitlines()[0]}") from None
+
+
 def run_name(overrides: Sequence[str]) -> str:
-    """Deterministic folder name from the user's overrides: ['model=tiny', 'rank=8'] -> 'model=tiny,rank=8'."""
-    parts = [o for o in expand_aliases(overrides) if not split_override(o)[0].lstrip("+~") in ("out_dir", "run_name",
-                                                                                        "timestamp", "train.resume")]
-    if not parts:
+    """Deterministic folder name from the user's overrides, whatever their order:
+    ['rank=8', 'model=tiny'] -> 'model=tiny,rank=8' (a key given twice keeps its last value)."""
+    last = {}
+    for o in expand_aliases(overrides):
+        key = split_override(o)[0].lstrip("+~")
+        if key not in NOT_IN_RUN_NAME:
+            last[key] = o
+    if not last:
         return "default"
-    name = ",".join(p.replace("method.", "").replace("optim.", "").replace("train.", "") for p in parts)
+    shown = [last[k].replace("method.", "").replace("optim.", "").replace("train.", "") for k in last]
+    name = ",".join(sorted(shown, key=lambda p: split_override(p)[0]))
     name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)
     return name if len(name) <= 120 else name[:100] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+
+
+# Keys that may change when a run is resumed: how often it logs, evaluates and saves, where and how fast it
+# runs. Anything else changes the numbers, so a resume with another value is refused.
+RESUME_FREE_KEYS = ("train.log_every", "train.eval_every", "train.save_every", "train.eval_tokens",
+                    "train.num_threads", "train.device", "train.keep_checkpoints", "train.resume", "train.overwrite",
+                    "tokenizer.cache_dir", "out_dir", "run_name", "timestamp", "method_recipes")
+
+
+def _flatten(data, prefix: str = "") -> dict:
+    if isinstance(data, dict) and data:
+        return {k: v for key, value in data.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: data}
+
+
+def config_changes(stored: dict, current: dict, free: Sequence[str] = RESUME_FREE_KEYS) -> List[tuple]:
+    """[(dotted key, stored value, current value)] for every key two configs (plain containers, see
+    ``to_container``) disagree on, outside ``free`` and their sub-keys."""
+    a, b = _flatten(stored), _flatten(current)
+    keep = [k for k in sorted(set(a) | set(b)) if not any(k == f or k.startswith(f + ".") for f in free)]
+    return [(k, a.get(k), b.get(k)) for k in keep if a.get(k) != b.get(k)]
 
 
 # ------------------------------------------------------------------------------ override strings

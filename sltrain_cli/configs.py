@@ -11,6 +11,7 @@ swap, ...), never the whole RunConfig.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
@@ -74,6 +75,13 @@ class SupportKind(str, Enum):
 class IndexDtype(str, Enum):
     int64 = "int64"  # the paper's choice
     int32 = "int32"  # half the index memory; fine while in*out < 2**31
+
+
+@_accept_values
+class KernelKind(str, Enum):
+    auto = "auto"  # per layer shape, the cheaper of the two for the micro-batch's tokens (an analytic cost model)
+    compose = "compose"  # build the dense W, one dense matmul (the paper's)
+    factored = "factored"  # never build W: rank-r products plus CSR sparse products at the fixed support
 
 
 @_accept_values
@@ -175,6 +183,8 @@ class MethodConfig:
     index_dtype: IndexDtype = field(default=IndexDtype.int64, metadata={"help": "dtype of the sparse support's "
                                                                                 "flat indices"})
     block_size: int = field(default=16, metadata={"help": "support=block: side of each square block, in entries"})
+    kernel: KernelKind = field(default=KernelKind.auto, metadata={
+        "help": "how sltrain/sparse layers compute; auto picks per layer shape, once per run (summary.json kernels)"})
     # relora
     merge_every: int = field(default=1000, metadata={"help": "relora: steps between merges of B A into W0"})
     reset: ResetKind = field(default=ResetKind.magnitude, metadata={
@@ -194,10 +204,11 @@ class MethodConfig:
         self.name = _enum(self.name, MethodName, "method.name")
         self.support = _enum(self.support, SupportKind, "method.support")
         self.index_dtype = _enum(self.index_dtype, IndexDtype, "method.index_dtype")
+        self.kernel = _enum(self.kernel, KernelKind, "method.kernel")
         self.reset = _enum(self.reset, ResetKind, "method.reset")
         _check(self.rank >= 0, "method.rank", f"must be >= 0, got {self.rank}")
         _check(0.0 <= self.delta <= 1.0, "method.delta", f"must be in [0, 1], got {self.delta}")
-        _check(self.alpha > 0, "method.alpha", f"must be > 0, got {self.alpha}")
+        _check(math.isfinite(self.alpha) and self.alpha > 0, "method.alpha", f"must be > 0 and finite, got {self.alpha}")
         bad = [m for m in self.target_modules if m not in TARGET_MODULES]
         _check(not bad, "method.target_modules", f"allowed: {', '.join(TARGET_MODULES)}; got {bad}")
         _check(self.block_size >= 1, "method.block_size", f"must be >= 1, got {self.block_size}")
@@ -205,7 +216,7 @@ class MethodConfig:
         _check(0.0 <= self.reset_ratio <= 1.0, "method.reset_ratio", f"must be in [0, 1], got {self.reset_ratio}")
         _check(self.restart_warmup >= 0, "method.restart_warmup", f"must be >= 0, got {self.restart_warmup}")
         _check(self.update_proj_gap >= 1, "method.update_proj_gap", f"must be >= 1, got {self.update_proj_gap}")
-        _check(self.scale > 0, "method.scale", f"must be > 0, got {self.scale}")
+        _check(math.isfinite(self.scale) and self.scale > 0, "method.scale", f"must be > 0 and finite, got {self.scale}")
         if self.name in (MethodName.lowrank, MethodName.relora, MethodName.galore):
             _check(self.rank >= 1, "method.rank", f"must be >= 1 for method={self.name.value}, got {self.rank}")
         if self.name == MethodName.sltrain:
@@ -286,6 +297,8 @@ class OptimConfig:
     def __post_init__(self):
         self.name = _enum(self.name, OptimName, "optim.name")
         self.schedule = _enum(self.schedule, Schedule, "optim.schedule")
+        for k in ("lr", "eps", "weight_decay", "grad_clip", "beta1", "beta2"):
+            _check(math.isfinite(getattr(self, k)), f"optim.{k}", f"must be a finite number, got {getattr(self, k)}")
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(0 <= self.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {self.beta1}")
@@ -317,6 +330,10 @@ class TrainConfig:
     save_every: int = field(default=100, metadata={"help": "steps between checkpoints (0 = only at the end)"})
     resume: str = field(default="", metadata={
         "help": '"" = fresh run; "true" = latest checkpoint in the run folder; or a checkpoint path'})
+    overwrite: bool = field(default=False, metadata={
+        "help": "start afresh over a run folder that holds an earlier run (deletes its checkpoints and metrics)"})
+    keep_checkpoints: int = field(default=3, metadata={
+        "help": "checkpoints kept besides the final one (older ones are deleted after each save); 0 = keep all"})
     layerwise: bool = field(default=False, metadata={"help": "optimizer step per parameter inside backward "
                                                              "(needs optim.grad_clip=0, one process)"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder block in "
@@ -336,7 +353,7 @@ class TrainConfig:
                f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         for k in ("log_every",):
             _check(getattr(self, k) >= 1, f"train.{k}", f"must be >= 1, got {getattr(self, k)}")
-        for k in ("eval_every", "save_every", "num_threads"):
+        for k in ("eval_every", "save_every", "num_threads", "keep_checkpoints"):
             _check(getattr(self, k) >= 0, f"train.{k}", f"must be >= 0, got {getattr(self, k)}")
         _check(self.eval_tokens >= 1, "train.eval_tokens", f"must be >= 1, got {self.eval_tokens}")
         self.resume = "" if self.resume in (None, "false", "False") else str(self.resume)

@@ -64,8 +64,13 @@ def init(device: str = "auto") -> Runtime:
 
 
 def shutdown(rt: Runtime) -> None:
+    """Leave the process group together: a rank that destroys it while another still talks to it can die
+    with "terminate called without an active exception"."""
     if rt.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def barrier(rt: Runtime) -> None:
@@ -132,6 +137,15 @@ def maybe_no_sync(wrapped: torch.nn.Module, last_microbatch: bool):
     if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
         wrapped.set_requires_gradient_sync(last_microbatch)
     return contextlib.nullcontext()
+
+
+def any_across_ranks(flags: list, rt: Runtime) -> list:
+    """Element-wise OR of a list of booleans over all ranks (every rank gets the same answer)."""
+    if rt.world_size == 1:
+        return [bool(f) for f in flags]
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
 
 
 def mean_across_ranks(value: torch.Tensor, rt: Runtime) -> float:

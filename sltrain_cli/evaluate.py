@@ -7,11 +7,10 @@ divide by N+1 batches, which reads slightly low; we do not.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import re
 from pathlib import Path
-from typing import Callable, Iterable, Sequence, Tuple
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -21,15 +20,20 @@ import torch.nn.functional as F
 @torch.no_grad()
 def evaluate_ppl(model: torch.nn.Module, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
                  device: torch.device | str = "cpu",
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict:
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 stop: Optional[Callable[[], bool]] = None) -> Optional[dict]:
     """Sum the loss over every non-pad target token of ``batches`` (all ranks when distributed).
 
-    Returns {"loss": mean loss per token, "ppl": exp(loss), "tokens": number of target tokens}.
+    Returns {"loss": mean loss per token, "ppl": exp(loss), "tokens": number of target tokens}, or None when
+    ``stop()`` turned true before the last batch (an interrupted run abandons its evaluation).
     """
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, token count)
     for input_ids, labels in batches:
+        if stop is not None and stop():
+            model.train(was_training)
+            return None
         input_ids, labels = input_ids.to(device), labels.to(device)
         with autocast():
             logits = model(input_ids).logits
@@ -50,9 +54,9 @@ def evaluate_run(run: Path | str, overrides: Sequence[str] = ()) -> dict:
     """`sltrain eval-ppl`: load a run's checkpoint and tokenizer, evaluate on the configured corpus
     (the run's own unless overrides say otherwise) and write RUN_DIR/eval/<data>.json."""
     from . import data as data_lib
-    from .checkpoint import read_overrides, write_json
     from .compose import load_config
     from .distributed import resolve_device
+    from .files import read_overrides, write_json
     from .runs import autocast_for, load_run
 
     run = load_run(run)

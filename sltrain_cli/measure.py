@@ -48,9 +48,10 @@ def measure_memory(model_cfg: ModelConfig, method_cfg: MethodConfig, *, optimize
 
     The model is built directly on ``device`` in the run's dtype ('bf16-pure': everything bf16, as the
     paper; 'fp32'). CUDA: ``torch.cuda.max_memory_allocated`` after a peak reset once the model and
-    optimizer are built (measure_kind 'cuda_max_allocated'). CPU: the peak of live torch allocations during the steps, from torch.profiler's
-    allocation events (measure_kind 'cpu_profiler_alloc_peak'); the model is built inside the profiled
-    region so its tensors count. Neither includes the CUDA context / allocator cache or Python objects.
+    optimizer are built (measure_kind 'cuda_max_allocated'). CPU: the peak of live torch allocations during
+    the steps, from torch.profiler's allocation events (measure_kind 'cpu_profiler_alloc_peak'); the model
+    is built inside the profiled region so its tensors count. Neither includes the CUDA context / allocator
+    cache or Python objects.
     """
     import torch
 

@@ -1,6 +1,7 @@
-"""Memory of a training run: the paper's analytic estimate, a fuller analytic estimate, and a measurement.
+"""Memory of a training run: the paper's analytic estimate and a fuller analytic estimate.
 
-Estimates come from shapes only (no tensor is allocated, so 7B is instant). Two sets of figures:
+Estimates count the tensors of the real model, built on the meta device (``apply_method(LlamaForCausalLM(cfg),
+method)``: shapes only, nothing is allocated, so 7B takes a fraction of a second). Two sets of figures:
 
 * **Paper convention** (SLTrain Appendix F; keys ``params_total, params_trainable, param_mem_gb,
   optimizer_mem_gb, total_mem_gb``): parameter memory + Adam state, bf16 = 2 B per number, int64 index
@@ -18,41 +19,32 @@ Estimates come from shapes only (no tensor is allocated, so 7B is instant). Two 
   7B peaks (Figure 3: 67.4 / 29.4 / 22 / 18.3 GB) within 1-7%. Its 350M and 1B peaks are 1.2-2.2x ours;
   activations at batch 1 cannot explain that, and the paper does not give the setup of those runs.
 
-``measure_memory`` builds the real model and optimizer and reports the measured peak;
-``memory_rows`` is what ``sltrain memory-estimate`` prints.
+The default (rank, delta) of a size is its ``conf/experiment/paper_<size>.yaml`` preset. ``memory_rows`` is
+what ``sltrain memory-estimate`` prints; the measurement (``measure_memory``) lives in measure.py.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
-from .configs import ConfigError, MethodConfig, MethodName, ModelConfig, UserError
+from .configs import TARGET_MODULES, ConfigError, MethodConfig, MethodName, ModelConfig, UserError
+from .core.convert import method_rank_limit
+from .core.optim import BNB_BLOCKSIZE, BNB_MIN_8BIT_SIZE, galore_target_params
+from .measure import GB, measure_memory
 
-GB = 1e9
 METHODS_ALL = ("full", "lowrank", "relora", "galore", "sltrain", "sparse")  # what method="all" expands to
 
-# Default (rank, delta) per size. 60m..7b are the reference scripts' SLTrain recipe (PAPER.md); the
-# 9m/20m/35m/3b/tiny values are ours (the paper trains none of them): rank ~ hidden/4, delta 0.03.
-PAPER_RECIPE: Dict[str, Dict[str, float]] = {
-    "tiny": {"rank": 16, "delta": 0.03},
-    "9m": {"rank": 32, "delta": 0.03},
-    "20m": {"rank": 64, "delta": 0.03},
-    "35m": {"rank": 96, "delta": 0.03},
-    "60m": {"rank": 128, "delta": 0.03},
-    "130m": {"rank": 256, "delta": 0.03},
-    "350m": {"rank": 256, "delta": 0.03},
-    "1b": {"rank": 512, "delta": 0.03},
-    "3b": {"rank": 768, "delta": 0.03},
-    "7b": {"rank": 1024, "delta": 0.05},
-}
+# Sizes without a conf/experiment/paper_<size>.yaml preset (the paper trains none of them) take our rule:
+# rank hidden_size // 4, delta 0.03. One exception: 3b has always used rank 768 (its hidden/4 is 640).
+DEFAULT_DELTA = 0.03
+RANK_OVERRIDES = {"3b": 768}
 
-# bitsandbytes 0.50 AdamW8bit (optim/optimizer.py, Optimizer2State.init_state): tensors with fewer than
-# min_8bit_size = 4096 entries keep two fp32 moments; larger ones keep two uint8 moments plus one fp32
-# absmax per 256-entry block per moment, and share two 256-entry fp32 quantization maps.
-BNB_BLOCK = 256
-BNB_MIN_8BIT_SIZE = 4096
+# bitsandbytes shares two 256-entry fp32 quantization maps (one per moment) within one optimizer; the
+# per-tensor layout (BNB_BLOCKSIZE, BNB_MIN_8BIT_SIZE) is described in core/optim.py.
 BNB_QMAP_BYTES = 2 * 256 * 4
 
 
@@ -63,7 +55,7 @@ def _short(name: str) -> str:
 
 def load_model_config(size: str) -> ModelConfig:
     """The conf/model config for ``size``: '60m', '60M', 'llama_60m' or 'tiny' (composed like every run's)."""
-    from .compose import group_options, load_config  # kept local so importing memory stays light
+    from .compose import group_options, load_config  # kept local: compose is the one hydra import
 
     names = group_options("model")
     key = str(size).strip().lower()
@@ -74,9 +66,55 @@ def load_model_config(size: str) -> ModelConfig:
     return load_config([f"model={match}"]).model
 
 
+@functools.lru_cache(maxsize=None)
+def _preset(conf: str, short: str) -> Optional[Tuple[int, float]]:
+    """(method.rank, method.delta) of experiment=paper_<short> in the conf/ folder ``conf``; None without one.
+    Read from the preset file itself; composed (slower) only when the file leaves one of them to its defaults."""
+    from .compose import group_options, load_config, option_values
+
+    if f"paper_{short}" not in group_options("experiment"):
+        return None
+    method = option_values("experiment", f"paper_{short}").get("method") or {}
+    if "rank" not in method or "delta" not in method:
+        composed = load_config([f"experiment=paper_{short}", "method=sltrain"]).method
+        method = {"rank": composed.rank, "delta": composed.delta}
+    return int(method["rank"]), float(method["delta"])
+
+
+def _paper_recipe(short: str) -> Optional[Dict[str, float]]:
+    from .compose import conf_dir
+
+    found = _preset(str(conf_dir()), short)  # keyed by the conf/ folder: SLTRAIN_CONF_DIR may change
+    return found and {"rank": found[0], "delta": found[1]}
+
+
+class _PaperRecipes(Mapping):
+    """size ('60m') -> {'rank', 'delta'} of conf/experiment/paper_<size>.yaml, read on demand (no table here)."""
+
+    def __getitem__(self, size: str) -> Dict[str, float]:
+        found = _paper_recipe(_short(str(size)))
+        if found is None:
+            raise KeyError(size)
+        return dict(found)
+
+    def __iter__(self):
+        from .compose import group_options
+
+        names = group_options("experiment")
+        return iter(sorted((n[len("paper_"):] for n in names if n.startswith("paper_")), key=_size_order))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+PAPER_RECIPE = _PaperRecipes()  # what the paper presets hold, e.g. PAPER_RECIPE["7b"] == {"rank": 1024, "delta": 0.05}
+
+
 def default_recipe(model_cfg: ModelConfig) -> Dict[str, float]:
-    """PAPER_RECIPE's (rank, delta) for this size; for a config not listed, rank hidden/4 and delta 0.03."""
-    return PAPER_RECIPE.get(_short(model_cfg.name)) or {"rank": max(1, model_cfg.hidden_size // 4), "delta": 0.03}
+    """The size's paper preset (rank, delta); without one, rank hidden/4 (RANK_OVERRIDES aside), delta 0.03."""
+    short = _short(model_cfg.name)
+    rank = RANK_OVERRIDES.get(short, max(1, model_cfg.hidden_size // 4))
+    return _paper_recipe(short) or {"rank": rank, "delta": DEFAULT_DELTA}
 
 
 def _size_order(short: str):
@@ -89,49 +127,67 @@ def _size_order(short: str):
 
 
 # ------------------------------------------------------------------------------------------- inventory
-@dataclass
+@dataclass(frozen=True)
 class _Tensor:
     """One parameter or index buffer of the converted model, by shape only."""
 
-    name: str
+    name: str  # its path in the model, e.g. layers.0.attn.q.A
     numel: int
     kind: str  # dense | lowrank | sparse_values | indices | frozen
     trainable: bool
     galore_shape: Optional[tuple] = None  # (out, in) of a GaLore-projected matrix
 
 
-def _targets(cfg: ModelConfig) -> List[tuple]:
-    """(name, out, in) of the q,k,v,o,gate,up,down weights of one decoder block."""
-    d, m = cfg.hidden_size, cfg.intermediate_size
-    return [("q", d, d), ("k", d, d), ("v", d, d), ("o", d, d), ("gate", m, d), ("up", m, d), ("down", d, m)]
-
-
 def _inventory(cfg: ModelConfig, method: str, rank: int, delta: float, vocab: int,
-               target_modules=None) -> List[_Tensor]:
-    """Every tensor a converted LlamaForCausalLM holds (parameters + sparse index buffers)."""
-    d = cfg.hidden_size
-    targets = set(target_modules or [t[0] for t in _targets(cfg)])
-    out = [_Tensor("embed", vocab * d, "dense", True)]
-    for i in range(cfg.num_layers):
-        out += [_Tensor(f"layers.{i}.attn_norm", d, "dense", True), _Tensor(f"layers.{i}.mlp_norm", d, "dense", True)]
-        for name, n_out, n_in in _targets(cfg):
-            pre = f"layers.{i}.{name}"
-            if name not in targets or method == "full":
-                out.append(_Tensor(pre, n_out * n_in, "dense", True))
-            elif method == "galore":
-                out.append(_Tensor(pre, n_out * n_in, "dense", True, galore_shape=(n_out, n_in)))
-            else:
-                if method == "relora":
-                    out.append(_Tensor(pre + ".W0", n_out * n_in, "frozen", False))
-                if method in ("lowrank", "relora", "sltrain") and rank > 0:
-                    out += [_Tensor(pre + ".A", rank * n_in, "lowrank", True),
-                            _Tensor(pre + ".B", n_out * rank, "lowrank", True)]
-                if method in ("sltrain", "sparse"):
-                    nnz = int(delta * n_in * n_out)
-                    out += [_Tensor(pre + ".values", nnz, "sparse_values", True),
-                            _Tensor(pre + ".indices", nnz, "indices", False)]
-    out += [_Tensor("norm", d, "dense", True), _Tensor("lm_head", vocab * d, "dense", True)]
-    return out
+               target_modules=None) -> Tuple[Tuple[_Tensor, ...], int]:
+    """Every tensor the converted LlamaForCausalLM holds (parameters + sparse index buffers), and the
+    largest (out, in) entry count of its SparseLowRankLinear layers (0 without one).
+
+    The model is built on the meta device; kinds follow core.convert.count_parameters (A, B of a swapped
+    layer: lowrank; values: sparse_values; a parameter without requires_grad, ReLoRA's W0: frozen). GaLore's
+    projected matrices are the optimizer's own ``galore_target_params``.
+    """
+    cfg = dataclasses.replace(cfg, vocab_size=int(vocab))
+    targets = tuple(target_modules or TARGET_MODULES)
+    return _build_inventory(dataclasses.astuple(cfg), method, rank, delta, targets)
+
+
+@functools.lru_cache(maxsize=64)  # keyed by values: memory-estimate and the tests ask for the same model often
+def _build_inventory(cfg_values: tuple, method: str, rank: int, delta: float, targets: Tuple[str, ...]):
+    import torch
+    import torch.nn as nn
+
+    from .core.convert import apply_method
+    from .core.model import LlamaForCausalLM
+    from .core.sparse_lowrank import SparseLowRankLinear
+
+    cfg = ModelConfig(*cfg_values)
+    method_cfg = MethodConfig(name=method, rank=rank, delta=delta, target_modules=list(targets))
+    try:
+        with torch.device("meta"):
+            model = apply_method(LlamaForCausalLM(cfg), method_cfg)
+    except ValueError as err:  # e.g. a sparse layer whose int(delta * in * out) is 0
+        raise UserError(f"--delta: {err}") from None
+    projected = {}
+    if method == "galore":
+        projected = {id(p): tuple(p.shape) for p in galore_target_params(model, method_cfg.target_modules)}
+    out, seen, widest = [], set(), 0
+    for path, module in model.named_modules():
+        plain = type(module) in (nn.Linear, nn.Embedding)
+        if isinstance(module, SparseLowRankLinear):
+            widest = max(widest, module.in_features * module.out_features)
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            kind = ("frozen" if not p.requires_grad else
+                    "lowrank" if name in ("A", "B") and not plain else
+                    "sparse_values" if name == "values" and not plain else "dense")
+            out.append(_Tensor(f"{path}.{name}", p.numel(), kind, p.requires_grad, projected.get(id(p))))
+        for name, b in module.named_buffers(recurse=False):
+            if name == "indices" and b is not None:
+                out.append(_Tensor(f"{path}.{name}", b.numel(), "indices", False))
+    return tuple(out), widest
 
 
 def _check_method(cfg: ModelConfig, method: str, rank: int, delta: float) -> None:
@@ -139,11 +195,11 @@ def _check_method(cfg: ModelConfig, method: str, rank: int, delta: float) -> Non
     if method not in allowed:
         raise UserError(f"--method: unknown method {method!r}; choose from {', '.join(allowed)}, all")
     try:  # the same rules as a run's method config, reported under this command's flags
-        MethodConfig(name=method, rank=rank, delta=delta)
+        method_cfg = MethodConfig(name=method, rank=rank, delta=delta)
     except ConfigError as err:
         raise UserError(f"--{err.key.rsplit('.', 1)[-1]}: {str(err).split(': ', 1)[1]}") from None
-    small = min(cfg.hidden_size, cfg.intermediate_size)
-    if method in ("lowrank", "relora", "galore", "sltrain") and rank > small:
+    small = method_rank_limit(cfg, method_cfg)
+    if small is not None and rank > small:
         raise UserError(f"--rank: {rank} exceeds the smallest layer dimension {small} of {cfg.name}")
 
 
@@ -152,7 +208,7 @@ def _adam8bit_bytes(numel: int) -> int:
     """Bytes of bitsandbytes AdamW8bit state for one tensor (two moments; qmaps counted once elsewhere)."""
     if numel < BNB_MIN_8BIT_SIZE:
         return 2 * numel * 4
-    return 2 * (numel + 4 * math.ceil(numel / BNB_BLOCK))
+    return 2 * (numel + 4 * math.ceil(numel / BNB_BLOCKSIZE))
 
 
 def _activation_parts(cfg: ModelConfig, tokens: int, act_bytes: int, vocab: int,
@@ -235,7 +291,7 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
     method = getattr(method, "value", method)
     index_dtype = getattr(index_dtype, "value", index_dtype)
     size = _short(model_cfg.name)
-    recipe = default_recipe(model_cfg)
+    recipe = default_recipe(model_cfg) if rank is None or delta is None else {}
     rank = int(recipe["rank"] if rank is None else rank)
     delta = float(recipe["delta"] if delta is None else delta)
     if method == "sparse":
@@ -249,19 +305,21 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
     if param_bytes not in (2, 4):
         raise UserError(f"param_bytes: must be 2 (bf16) or 4 (fp32), got {param_bytes}")
     vocab = int(vocab_size or model_cfg.vocab_size)
-    inv = _inventory(model_cfg, method, rank, delta, vocab, target_modules)
+    inv, biggest = _inventory(model_cfg, method, rank, delta, vocab, target_modules)
 
     params = [t for t in inv if t.kind != "indices"]
     trainable = [t for t in params if t.trainable]
     n_params = sum(t.numel for t in params)
     n_train = sum(t.numel for t in trainable)
     n_index = sum(t.numel for t in inv if t.kind == "indices")
+    n_frozen = sum(t.numel for t in params if t.kind == "frozen")
+    n_adapter = sum(t.numel for t in params if t.kind == "lowrank")
 
     # ---- paper convention (fixed: bf16, int64 indices, 2 moments, no grads/activations)
     if method == "relora":  # full model + low-rank model, moments over the low-rank model
-        lr_inv = _inventory(model_cfg, "lowrank", rank, delta, vocab, target_modules)
-        full_total = sum(t.numel for t in _inventory(model_cfg, "full", rank, delta, vocab))
-        paper_total, paper_train = full_total + sum(t.numel for t in lr_inv), sum(t.numel for t in lr_inv)
+        # ReLoRA's model = the full model (W0: the dense targets) + adapters = the low-rank model + W0
+        full_total, lowrank_total = n_params - n_adapter, n_params - n_frozen
+        paper_total, paper_train = full_total + lowrank_total, lowrank_total
     else:
         paper_total, paper_train = n_params, n_train
     if method == "galore":
@@ -300,7 +358,6 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
     # SLTrain / sparse layers build the dense (out, in) W for one matmul in forward, and W then the weight
     # gradient G^T x in backward, one layer at a time. On CPU in bf16 the rank-r product is done in fp32
     # and cast down (6 B per entry alive).
-    biggest = max(o * i for _, o, i in _targets(model_cfg))
     per_entry = 6 if (device == "cpu" and param_bytes == 2) else param_bytes
     work_b = biggest * per_entry if method in ("sltrain", "sparse") else 0
     temp_b = _step_temp_bytes(trainable, method, optimizer, layerwise, device, rank, param_bytes)
@@ -315,7 +372,7 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
     saved = L * ck_in if activation_checkpointing else L * block  # saved by the blocks at the loss
     rebuilt = block if activation_checkpointing else 0  # one block recomputed in backward
     g = {k: param_bytes * sum(t.numel for t in trainable if t.name.split(".")[0] == k)
-         for k in ("embed", "layers", "norm", "lm_head")}
+         for k in ("embed_tokens", "layers", "norm", "lm_head")}
     g_head, g_block = g["norm"] + g["lm_head"], g["layers"] // max(L, 1)
     if layerwise:  # one gradient and its optimizer's temporaries at a time
         g_last = g_first = g_step = full_grad_b + temp_b
@@ -348,119 +405,6 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
     }
 
 
-# ------------------------------------------------------------------------------------------ measurement
-def _cpu_peak_bytes(prof, marker: str) -> int:
-    """Peak of torch-allocated CPU bytes from the profiler's allocation events, over the marked region.
-
-    The running sum of allocation (+) and free (-) events since the profiler started counts every tensor
-    made after that point (model, optimizer state, batches); its maximum inside ``marker`` is the peak
-    while training, like CUDA's max_memory_allocated after a reset.
-    """
-    import json
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    start = min(e["ts"] for e in events if e.get("name") == marker)
-    mem = sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0),
-                 key=lambda e: e["ts"])
-    running, peak = 0, 0
-    for e in mem:
-        running += int(e["args"]["Bytes"])
-        if e["ts"] >= start:
-            peak = max(peak, running)
-    return peak
-
-
-def measure_memory(model_cfg: ModelConfig, method_cfg: MethodConfig, *, optimizer: str = "adam",
-                   layerwise: bool = False, batch_size: int = 1, seq_len: Optional[int] = None, steps: int = 3,
-                   device: str = "cpu", precision: str = "bf16-pure", activation_checkpointing: bool = False,
-                   seed: int = 0) -> dict:
-    """Train the real model ``steps`` steps on random token ids and report the peak memory it used.
-
-    The model is built directly on ``device`` in the run's dtype ('bf16-pure': everything bf16, as the
-    paper; 'fp32'). CUDA: ``torch.cuda.max_memory_allocated`` after a peak reset once the model and
-    optimizer are built (measure_kind 'cuda_max_allocated'). CPU: the peak of live torch allocations during the steps, from torch.profiler's
-    allocation events (measure_kind 'cpu_profiler_alloc_peak'); the model is built inside the profiled
-    region so its tensors count. Neither includes the CUDA context / allocator cache or Python objects.
-    """
-    import torch
-
-    from .configs import OptimConfig
-    from .core.convert import apply_method
-    from .core.model import LlamaForCausalLM
-    from .core.optim import LayerwiseOptimizer, build_optimizer
-
-    if precision not in ("bf16-pure", "fp32"):
-        raise UserError(f"--precision: must be bf16-pure or fp32, got {precision!r}")
-    if optimizer not in ("adam", "adam8bit"):
-        raise UserError(f"--optimizer: must be adam or adam8bit, got {optimizer!r}")
-    seq_len = int(seq_len or min(256, model_cfg.max_seq_len))
-    if not 2 <= seq_len <= model_cfg.max_seq_len:
-        raise UserError(f"--seq-len: must be in [2, model.max_seq_len={model_cfg.max_seq_len}], got {seq_len}")
-    dev = torch.device(device)
-    dtype = torch.bfloat16 if precision == "bf16-pure" else torch.float32
-    optim_cfg = OptimConfig(name="adamw8bit" if optimizer == "adam8bit" else "adamw", grad_clip=0.0)
-    marker = "sltrain.measure_memory.steps"
-
-    def run() -> None:
-        torch.manual_seed(seed)
-        # built in place in the run's dtype: a 7B model never exists in fp32 or on the host
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with dev:
-                model = apply_method(LlamaForCausalLM(model_cfg), method_cfg)
-        finally:
-            torch.set_default_dtype(previous)
-        model.to(device=dev, dtype=dtype)
-        _set_checkpointing(model, activation_checkpointing)
-        if layerwise:  # steps each parameter from a hook inside backward and frees its gradient
-            opt = LayerwiseOptimizer(model, optim_cfg, method_cfg)
-        else:
-            opt = build_optimizer(model, optim_cfg, method_cfg)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        batches = [torch.randint(0, model_cfg.vocab_size, (batch_size, seq_len), generator=gen).to(dev)
-                   for _ in range(steps)]
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-        with torch.profiler.record_function(marker):
-            for ids in batches:
-                model(ids, labels=ids).loss.backward()
-                if not layerwise:
-                    opt.step()
-                opt.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    if dev.type == "cuda":
-        run()
-        peak, kind = torch.cuda.max_memory_allocated(dev), "cuda_max_allocated"
-    else:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            run()
-        peak, kind = _cpu_peak_bytes(prof, marker), "cpu_profiler_alloc_peak"
-    return {"peak_bytes": int(peak), "measured_gb": peak / GB, "measure_kind": kind, "device": str(dev),
-            "precision": precision, "steps": steps, "batch_size": batch_size, "seq_len": seq_len}
-
-
-def _set_checkpointing(model, enabled: bool) -> None:
-    if not enabled:
-        return
-    if hasattr(model, "set_activation_checkpointing"):
-        model.set_activation_checkpointing(True)
-    elif hasattr(model, "activation_checkpointing"):
-        model.activation_checkpointing = True
-    else:
-        raise UserError("--activation-checkpointing: this model does not support it")
-
-
 # ---------------------------------------------------------------------------------------------- the CLI
 def memory_rows(size: str, method: str = "all", rank: Optional[int] = None, delta: Optional[float] = None,
                 optimizer: str = "adam", layerwise: bool = False, index_dtype: str = "int64",
@@ -468,10 +412,10 @@ def memory_rows(size: str, method: str = "all", rank: Optional[int] = None, delt
                 measure: bool = False, device: Optional[str] = None) -> List[dict]:
     """One estimate row per method (``method='all'``: full, lowrank, relora, galore, sltrain, sparse).
 
-    rank / delta default to PAPER_RECIPE[size]. With ``measure`` each row also gets ``measured_gb`` (a few
-    bf16-pure training steps of the real model on ``device``), ``measure_kind`` and ``ratio`` =
-    measured / full_total_gb (the estimate is then made for the measuring device). ``device`` None: cuda
-    when available for measuring; estimates alone assume cuda (the paper's setting).
+    rank / delta default to ``default_recipe`` (the size's paper preset). With ``measure`` each row also
+    gets ``measured_gb`` (a few bf16-pure training steps of the real model on ``device``, measure.py),
+    ``measure_kind`` and ``ratio`` = measured / full_total_gb (the estimate is then made for the measuring
+    device). ``device`` None: cuda when available for measuring; estimates alone assume cuda (the paper's).
     """
     if measure and device is None:
         import torch

@@ -13,7 +13,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from .checkpoint import atomic_write
+from .files import atomic_write, locked
 
 
 class RunSummary(TypedDict, total=False):
@@ -130,15 +130,17 @@ def print_record(record: Mapping, title: str = "", console: Optional[Console] = 
 
 
 def upsert_row(csv_path: Path | str, row: Mapping, key: str = "run") -> pd.DataFrame:
-    """Add ``row`` to the CSV table, replacing an earlier row with the same ``key`` (a rerun)."""
+    """Add ``row`` to the CSV table, replacing an earlier row with the same ``key`` (a rerun); under a lock, so
+    runs finishing at the same time in one out_dir do not lose each other's rows."""
     csv_path = Path(csv_path)
     new = pd.DataFrame([dict(row)])
-    if csv_path.is_file():
-        old = pd.read_csv(csv_path)
-        if key in old.columns:
-            old = old[old[key].astype(str) != str(row.get(key))]
-        new = pd.concat([old, new], ignore_index=True)
-    return write_table(new, csv_path.with_suffix(""))
+    with locked(csv_path):
+        if csv_path.is_file():
+            old = pd.read_csv(csv_path)
+            if key in old.columns:
+                old = old[old[key].astype(str) != str(row.get(key))]
+            new = pd.concat([old, new], ignore_index=True)
+        return write_table(new, csv_path.with_suffix(""))
 
 
 def plot_lines(series: Dict[str, Tuple[Sequence[float], Sequence[float]]], path: Path | str, *,

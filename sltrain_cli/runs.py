@@ -1,4 +1,4 @@
-"""Models of runs: build one for training, or load a trained one back from its folder.
+"""Runs: build a model for training, load a trained one back from its folder, and guard the folder itself.
 
     run = load_run("outputs/pretrain/default")      # a run folder, a checkpoint file or a sharded folder
     run.model(input_ids).logits; run.tokenizer.encode("text"); run.cfg.method.rank; run.step
@@ -6,21 +6,36 @@
 ``build_model`` is the one recipe for a model (seeded init -> optional full-rank warm start -> method swap
 -> device and dtype); ``load_run`` is the one way to turn a run folder or checkpoint into that model with
 the trained weights, its tokenizer and its config. eval-ppl, ablate-support, export and generate use it.
+
+``check_run_dir`` decides, before any work, what a new `pretrain` does with the folder it is given: resume
+(only with the checkpoint's own config), skip an identical completed run, or refuse to clobber another one;
+``open_run_dir`` then creates and locks it.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .checkpoint import load_model_weights, resolve_checkpoint, run_dir_of, stored_config
-from .compose import from_container
-from .configs import ConfigError, ModelConfig, Precision, RunConfig
+from .checkpoint import (
+    checkpoint_problem,
+    latest_checkpoint,
+    load_model_weights,
+    resolve_checkpoint,
+    run_dir_of,
+    stored_config,
+)
+from .compose import config_changes, from_container, read_config_file, to_container
+from .configs import ConfigError, ModelConfig, Precision, RunConfig, UserError
 from .core.convert import apply_method
 from .core.model import LlamaForCausalLM
+from .files import FolderInUse, RunLock, read_summary, remove_stale_temps
+from .results import RunSummary
 from .tokenizer import Tokenizer, load_tokenizer
 
 
@@ -78,3 +93,108 @@ def load_run(path: Path | str, *, key: str = "RUN", precision: Optional[Precisio
     extra = load_model_weights(ckpt, model)
     model.to(device).eval()
     return LoadedRun(model, tokenizer, cfg, run_dir, int(extra.get("step", 0)), ckpt)
+
+
+# ----------------------------------------------------------------------------------------- the run folder
+def resume_path(resume: str, ckpt_dir: Path, warn) -> Optional[Path]:
+    """The checkpoint train.resume names (the newest good one of a run folder), or None for a fresh start."""
+    if not resume:
+        return None
+    if resume.lower() == "true":
+        found = latest_checkpoint(ckpt_dir, warn)
+        if found is None:
+            warn(f"train.resume=true: no checkpoint in {ckpt_dir}; starting fresh")
+        return found
+    path = Path(resume)
+    if not path.exists():
+        raise ConfigError("train.resume", f"no checkpoint at {path}")
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        found = latest_checkpoint(path / "checkpoints", warn)
+        if found is None:
+            raise ConfigError("train.resume", f"no loadable checkpoint in {path / 'checkpoints'}")
+        return found
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ConfigError("train.resume", f"{path} is not a usable checkpoint: {problem}")
+    return path
+
+
+def _describe_changes(changes) -> str:
+    shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes[:8])
+    return shown + (f" (and {len(changes) - 8} more)" if len(changes) > 8 else "")
+
+
+def check_run_dir(cfg: RunConfig, run_dir: Path, warn) -> tuple[Optional[Path], Optional[RunSummary]]:
+    """Decide, before any work and without writing, what this run does with its folder.
+
+    Returns (checkpoint to resume from or None, summary of an identical completed run to return instead of
+    training). Refuses (ConfigError, exit 2) a resume whose config differs from the checkpoint's, and a fresh
+    start over a folder that holds another run unless train.overwrite=true.
+    """
+    tcfg, ckpt_dir = cfg.train, run_dir / "checkpoints"
+    current = to_container(cfg)
+    resume_from = resume_path(tcfg.resume, ckpt_dir, warn)
+    if resume_from is not None:
+        changes = config_changes(stored_config(resume_from), current)
+        if changes:
+            raise ConfigError("train.resume", f"the checkpoint {resume_from.name} was trained with another config "
+                                              f"({_describe_changes(changes)}); resume with the same settings, or "
+                                              "start over with train.overwrite=true or another run_name")
+        return resume_from, None
+    if tcfg.overwrite or tcfg.resume or not run_dir.is_dir():
+        return None, None
+    try:
+        earlier = read_summary(run_dir)
+    except ValueError:
+        earlier = None
+    has_ckpt = latest_checkpoint(ckpt_dir) is not None
+    if earlier is None and not has_ckpt:
+        return None, None  # nothing of value there (a run that never got going)
+    status = (earlier or {}).get("status", "interrupted")
+    step = (earlier or {}).get("steps", "?")
+    if status == "completed":
+        changes = config_changes(read_config_file(run_dir / "config.yaml"), current) \
+            if (run_dir / "config.yaml").is_file() else [("config.yaml", "missing", "")]
+        if not changes:
+            return None, earlier
+        raise ConfigError("run_name", f"{run_dir} holds a completed run with another config "
+                                      f"({_describe_changes(changes)}); choose another run_name or set "
+                                      "train.overwrite=true to replace it")
+    raise ConfigError("train.resume", f"{run_dir} holds an {status} run (step {step}); continue it with "
+                                      "train.resume=true or start over with train.overwrite=true")
+
+
+def open_run_dir(run_dir: Path, fresh: bool) -> RunLock:
+    """Create and lock the run folder (rank 0); a fresh run clears what an earlier one left."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError("out_dir", f"cannot create {run_dir}: {err.strerror}") from None
+    try:
+        lock = RunLock(run_dir).acquire()
+    except FolderInUse as err:
+        raise UserError(f"run folder: {err}; wait for it to finish or choose another run_name") from None
+    except OSError as err:
+        raise ConfigError("out_dir", f"cannot write in {run_dir}: {err.strerror}") from None
+    remove_stale_temps(run_dir)
+    if fresh:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        for stale in ("metrics.jsonl", "summary.json"):
+            (run_dir / stale).unlink(missing_ok=True)
+    return lock
+
+
+def check_writable(path: Path) -> None:
+    """out_dir must be creatable before any work is done."""
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+        raise ConfigError("out_dir", f"cannot create {path}: {parent} is not a writable folder")
+
+
+def disk_full_error(run_dir: Path, step: int, last_good: Optional[Path]) -> UserError:
+    free = shutil.disk_usage(run_dir).free if run_dir.exists() else 0
+    return UserError(f"out_dir: no space left on the device of {run_dir} ({free / 2**20:.0f} MiB free) while "
+                     f"saving step {step}; the last good checkpoint is {last_good or 'none'}; free some space and "
+                     "resume with train.resume=true")

@@ -10,8 +10,10 @@ folder behind. Each trial then runs as
 
 in its own process (memory, RNG and torch state cannot leak from one trial into the next). A trial whose
 ``summary.json`` says ``completed`` for the same overrides is skipped, so an interrupted sweep is resumed by
-running the same command again. A failing trial is recorded (status ``failed``, the last line of its stderr
-as ``error``) and the sweep carries on.
+running the same command again; a trial interrupted by a signal (SIGINT / SIGTERM reaching the sweep are
+forwarded to it) is resumed from its checkpoint by that rerun. A failing trial is recorded (status ``failed``,
+the last line of its stderr as ``error``) and the sweep carries on. Exit code: 0 when every trial completed,
+1 when one failed, 128 + signal number (130, 143) when interrupted.
 
 Layout of ``<out_dir>/sweep/<name>/`` (name: derived from the grid, or ``--name``):
 ``sweep.json`` (the grid), ``pretrain/<trial>/`` (ordinary run folders), ``logs/<trial>.log`` (stdout and
@@ -22,6 +24,7 @@ stderr of each trial), ``results.csv`` / ``results.md`` (one row per trial), ``p
 """
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -31,14 +34,24 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from rich.console import Console
 
-from .checkpoint import read_overrides, read_summary, write_json
-from .compose import (drop_keys, expand_grid, find_override, load_config, override_key, parse_value, quote,
-                      run_name, split_override)
+from .compose import (
+    drop_keys,
+    expand_grid,
+    find_override,
+    load_config,
+    override_key,
+    parse_value,
+    quote,
+    run_name,
+    split_override,
+)
+from .checkpoint import latest_checkpoint
 from .configs import ConfigError
+from .files import read_overrides, read_summary, write_json
 from .results import RunSummary, frame, make_console
 
 # Keys a sweep sets itself for every trial.
-RESERVED = ("run_name", "timestamp")
+RESERVED = ("run_name", "timestamp", "train.resume", "train.overwrite")
 # Columns of results.csv after the swept keys.
 RESULT_COLUMNS = ["params_total", "params_trainable", "val_ppl", "tokens", "tokens_per_s", "peak_mem_gb",
                   "est_mem_gb", "status", "error"]
@@ -69,6 +82,7 @@ class TrialResult:
     error: Optional[str] = None
     skipped: bool = False
     seconds: float = 0.0
+    exit_code: int = 0  # the trial process's
 
 
 # ----------------------------------------------------------------------------------------- planning
@@ -123,37 +137,59 @@ def validate_trials(trials: Sequence[Trial], root: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------- running
-def completed_summary(trial: Trial, root: Path) -> Optional[RunSummary]:
-    """The trial's summary when it already completed with these same overrides, else None."""
+def _trial_state(trial: Trial, root: Path) -> tuple[str, Optional[RunSummary]]:
+    """(new | completed | interrupted | stale, summary) of the trial's folder: completed and interrupted only
+    for the same overrides; stale is anything else an earlier sweep left there (it is overwritten)."""
     run_dir = trial.run_dir(root)
+    if not run_dir.is_dir():
+        return "new", None
     try:
         summary, saved = read_summary(run_dir), read_overrides(run_dir)
     except (OSError, ValueError):
-        return None
-    if summary is None or summary.get("status") != "completed" or sorted(saved) != sorted(trial.argv(root)):
-        return None
-    return summary
+        return "stale", None
+    same = sorted(drop_keys(saved, ["train.resume", "train.overwrite"])) == sorted(trial.argv(root))
+    status = (summary or {}).get("status")
+    if same and status == "completed":
+        return "completed", summary
+    if same and (status == "interrupted" or (summary is None and latest_checkpoint(run_dir / "checkpoints"))):
+        return "interrupted", summary
+    return "stale", summary
+
+
+def completed_summary(trial: Trial, root: Path) -> Optional[RunSummary]:
+    """The trial's summary when it already completed with these same overrides, else None."""
+    state, summary = _trial_state(trial, root)
+    return summary if state == "completed" else None
 
 
 def run_trial(trial: Trial, root: Path) -> TrialResult:
-    """Run one trial as a fresh `python -m sltrain_cli pretrain` process; its output goes to logs/<trial>.log."""
+    """Run one trial as a fresh `python -m sltrain_cli pretrain` process (resuming it when an earlier sweep was
+    interrupted in it); its output goes to logs/<trial>.log. SIGINT / SIGTERM received meanwhile are forwarded
+    to the trial, which saves its state and stops; the result then has status interrupted."""
     root = Path(root)
     log = root / "logs" / f"{trial.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "sltrain_cli", "pretrain", *trial.argv(root), "--quiet"]
+    state, _ = _trial_state(trial, root)
+    extra = {"interrupted": ["train.resume=true"], "stale": ["train.overwrite=true"]}.get(state, [])
+    cmd = [sys.executable, "-m", "sltrain_cli", "pretrain", *trial.argv(root), *extra, "--quiet"]
     t0 = time.perf_counter()
-    with log.open("w") as out:
+    received: List[int] = []
+    with log.open("a" if state == "interrupted" else "w") as out:
         out.write(" ".join(cmd) + "\n")
         out.flush()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
+        # its own session: a Ctrl-C in the terminal reaches the trial once, through us, not twice
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+        def forward(signum, frame):
+            received.append(signum)
+            proc.send_signal(signum)
+
+        old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             _, err = proc.communicate()
-        except KeyboardInterrupt:  # the child got the same Ctrl-C: give it time to save and write its summary
-            try:
-                proc.wait(timeout=60)
-            except (subprocess.TimeoutExpired, KeyboardInterrupt):
-                proc.kill()
-            raise
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
         out.write("--- stderr ---\n" + (err or ""))
     seconds = time.perf_counter() - t0
     summary = read_summary(trial.run_dir(root))
@@ -162,9 +198,10 @@ def run_trial(trial: Trial, root: Path) -> TrialResult:
     lines = [line.strip() for line in (err or "").splitlines() if line.strip()]
     if proc.returncode == 0 and summary is not None and summary.get("status") == "completed":
         return TrialResult(trial, "completed", summary, seconds=seconds)
-    status = "interrupted" if (summary or {}).get("status") == "interrupted" else "failed"
+    status = "interrupted" if received or (summary or {}).get("status") == "interrupted" else "failed"
     error = lines[-1] if lines else (f"exit code {proc.returncode}" if proc.returncode else "no completed summary.json")
-    return TrialResult(trial, status, summary, error=error, seconds=seconds)
+    code = 128 + received[0] if received else proc.returncode
+    return TrialResult(trial, status, summary, error=error, seconds=seconds, exit_code=code)
 
 
 def run_trials(trials: Sequence[Trial], root: Path, console: Optional[Console] = None,
@@ -186,6 +223,10 @@ def run_trials(trials: Sequence[Trial], root: Path, console: Optional[Console] =
             console.print(f"{head} ...", highlight=False)
             result = run_trial(trial, root)
         results.append(result)
+        if result.status == "interrupted":
+            console.print(f"{head} ... [yellow]interrupted[/yellow] ({result.seconds:.0f} s); run the same command "
+                          "again to resume it", highlight=False)
+            break
         if result.status == "completed":
             console.print(f"{head} ... completed ppl {_ppl(result.summary)} ({result.seconds:.0f} s)",
                           highlight=False)
@@ -208,7 +249,7 @@ def result_row(result: TrialResult, swept_keys: Sequence[str] = ()) -> dict:
     row.update({"params_total": s.get("params_total"), "params_trainable": s.get("params_trainable"),
                 "val_ppl": s.get("val_ppl"), "tokens": s.get("tokens"), "tokens_per_s": s.get("tokens_per_s"),
                 "peak_mem_gb": round(peak / 1e9, 4) if peak else None, "est_mem_gb": s.get("est_mem_gb"),
-                "status": result.status, "error": result.error})
+                "status": result.status, "error": result.error, "exit_code": result.exit_code})
     return row
 
 
@@ -262,6 +303,8 @@ def run_sweep(overrides: Sequence[str], dry_run: bool = False, name: Optional[st
     print_table(frame(rows), title=f"sweep {folder}", columns=show, console=console)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "failed", "interrupted")}
     skipped = sum(r.skipped for r in results)
+    left = len(trials) - len(rows)
     console.print(f"{counts['completed']} completed ({skipped} skipped as already done), {counts['failed']} failed"
-                  f" -> {folder / 'results.csv'}, {folder / 'ppl_vs_params.png'}", highlight=False)
+                  + (f", {counts['interrupted']} interrupted, {left} not started" if counts["interrupted"] else "")
+                  + f" -> {folder / 'results.csv'}, {folder / 'ppl_vs_params.png'}", highlight=False)
     return rows

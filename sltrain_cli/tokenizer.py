@@ -17,9 +17,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, List, Optional, Sequence, Union
 
-from .checkpoint import atomic_write
 from .configs import ConfigError, DataName, TokenizerConfig, TokenizerKind, UserError
 from .data.cache import digest, hub_unreachable, require_c4
+from .files import atomic_write
 
 if TYPE_CHECKING:
     from .data.corpora import Corpus
@@ -170,7 +170,8 @@ def _t5_base() -> Tokenizer:
 
 def _train_bpe(docs: Iterable[str], vocab_size: int, length: Optional[int] = None):
     """A byte-level BPE (GPT-2 style pre-tokenization, no unknown tokens) with <pad>=0, <eos>=1."""
-    from tokenizers import Tokenizer as _Fast, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as _Fast
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tok = _Fast(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

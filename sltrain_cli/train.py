@@ -2,19 +2,27 @@
 
     summary = train(cfg, run_dir)
 
-build tokenizer + data -> build model -> apply_method -> optimizer (or layer-wise optimizers) -> DDP/FSDP
--> loop {global batch -> micro-batches (no_sync until the last) -> clip -> step -> schedule -> ReLoRA
-merge -> log -> eval every k -> checkpoint every m} -> final eval -> summary.json.
+check the run folder -> build tokenizer + data -> lock and fill the run folder -> build model ->
+apply_method -> optimizer (or layer-wise optimizers) -> DDP/FSDP -> loop {global batch -> micro-batches
+(no_sync until the last) -> clip -> step -> schedule -> ReLoRA merge -> log -> eval every k -> checkpoint
+every m} -> final eval -> summary.json.
 
-Resume is exact: the checkpoint holds model, optimizer, scheduler, step, RNG and data position, so a run
-resumed at step k continues with the same batches and the same numbers as an uninterrupted one.
+Resume is exact: the checkpoint holds model, optimizer, scheduler and the TrainState (step, tokens, data
+position, RNG), so a run resumed at step k continues with the same batches and the same numbers as an
+uninterrupted one. Signals (SIGINT, SIGTERM, SIGUSR1) only set a flag: the loop stops at the next step
+boundary (abandoning an evaluation in progress), saves the state after the last completed step and returns
+status ``interrupted``; a second signal aborts at once. A non-finite loss or gradient norm stops the run
+with status ``diverged`` and keeps the last good checkpoint. The run folder is locked while a run uses it.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import math
 import resource
-import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,19 +30,28 @@ from typing import Optional, Sequence
 import torch
 
 from . import data as data_lib
-from .checkpoint import (atomic_write, latest_checkpoint, load_training_state, save_training_state, write_json,
-                         write_overrides)
+from . import distributed
+from .checkpoint import (
+    load_training_state,
+    prune_checkpoints,
+    save_training_state,
+)
 from .compose import to_container, to_yaml
 from .configs import MethodName, ModelConfig, Parallel, RunConfig, UserError
 from .core import relora
-from .core.convert import count_parameters
-from .core.optim import (LayerwiseOptimizer, build_optimizer, build_scheduler, check_layerwise,
-                         optimizer_state_bytes)
+from .core.convert import check_method_fits, count_parameters
+from .core.optim import LayerwiseOptimizer, build_optimizer, build_scheduler, check_layerwise, optimizer_state_bytes
+from .core.sparse_lowrank import choose_kernels
 from .evaluate import evaluate_ppl
+from .files import (
+    atomic_write,
+    json_line,
+    write_json,
+    write_overrides,
+)
 from .results import RunSummary
-from .runs import autocast_for, build_model
+from .runs import autocast_for, build_model, check_run_dir, check_writable, disk_full_error, open_run_dir
 from .tokenizer import build_tokenizer
-from . import distributed
 
 
 # ----------------------------------------------------------------------------------------- pieces
@@ -106,6 +123,41 @@ class TrainState:
         self.data, self.rng = state["data"], state["rng"]
 
 
+class StopSignal:
+    """SIGINT, SIGTERM and SIGUSR1 ask the loop to stop at the next step boundary (the handler only records the
+    signal); a second signal raises KeyboardInterrupt at once. Handlers are installed only in the main thread
+    and restored on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        self._old = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt  # the second signal: abort now, without saving
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+
 class _Metrics:
     """metrics.jsonl: one JSON object per logged step; on resume, rows past the checkpoint are dropped."""
 
@@ -119,14 +171,18 @@ class _Metrics:
     def log(self, row: dict) -> None:
         if self.enabled:
             with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json_line(row) + "\n")
 
 
 # ----------------------------------------------------------------------------------------- train
 def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress: bool = True) -> RunSummary:
-    """Train one model as ``cfg`` says, writing everything into ``run_dir``; return the summary."""
+    """Train one model as ``cfg`` says, writing everything into ``run_dir``; return the summary.
+
+    ``summary["status"]`` is completed, interrupted (``summary["exit_code"]`` 130 / 143 / 138 by signal) or
+    diverged; an identical run that already completed in ``run_dir`` is not trained again (its summary comes
+    back with ``skipped`` true).
+    """
     rt = distributed.init(cfg.train.device)
-    device = rt.device
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     tcfg, mcfg = cfg.train, cfg.method
@@ -137,26 +193,44 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
     if fsdp and mcfg.name == MethodName.galore:
         raise UserError("train.parallel: fsdp does not support method=galore (its SVD needs whole gradients); "
                         "use train.parallel=ddp")
+    check_method_fits(cfg.model, mcfg)
 
     run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    if rt.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not tcfg.resume:  # a fresh run replaces what an earlier run of the same name left
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-            for stale in ("metrics.jsonl", "summary.json"):
-                (run_dir / stale).unlink(missing_ok=True)
-        atomic_write(run_dir / "config.yaml", to_yaml(cfg))
-        write_overrides(run_dir, overrides)
+    check_writable(run_dir)
+    resume_from, done_before = check_run_dir(cfg, run_dir, rt.print)
+    if done_before is not None:
+        rt.print(f"{run_dir} already holds this run, completed (val ppl {done_before.get('val_ppl')}); "
+                 "not training it again (train.overwrite=true to retrain)")
+        distributed.shutdown(rt)
+        return {**done_before, "skipped": True}
 
-    # data and tokenizer (rank 0 trains/caches the tokenizer first, the others then read the cache)
+    # data and tokenizer (rank 0 trains/caches the tokenizer first, the others then read the cache); a bad
+    # corpus fails here, before the run folder is touched
     with distributed.main_first(rt):
         corpus, cache_root = data_lib.open_corpus(cfg.data), data_lib.cache_root(cfg.tokenizer)
         tokenizer = build_tokenizer(corpus, cfg.tokenizer, cache_root)
         train_stream, val_set = data_lib.build_datasets(corpus, tokenizer, rows_per_step=tcfg.total_batch_size,
                                                         rank=rt.rank, world_size=rt.world_size, cache_root=cache_root)
+    lock = None
     if rt.is_main:
+        lock = open_run_dir(run_dir, fresh=resume_from is None)
+        atomic_write(run_dir / "config.yaml", to_yaml(cfg))
+        write_overrides(run_dir, overrides)
         tokenizer.save(run_dir / "tokenizer")
+    distributed.barrier(rt)
+    try:
+        return _train_in(cfg, run_dir, rt, accum, fsdp, resume_from, tokenizer, train_stream, val_set, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+        distributed.shutdown(rt)
+
+
+def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_from: Optional[Path], tokenizer,
+              train_stream, val_set, progress: bool) -> RunSummary:
+    """The loop proper, in a locked run folder."""
+    tcfg, mcfg, device = cfg.train, cfg.method, rt.device
+    ckpt_dir = run_dir / "checkpoints"
     unigram = data_lib.unigram_perplexity(train_stream, val_set)
     val_batches = val_set.batches(tcfg.eval_tokens, tcfg.micro_batch_size, rank=rt.rank, world_size=rt.world_size)
 
@@ -166,6 +240,8 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
     counts = count_parameters(model)
     distributed.check_supports_agree(model, rt)
     autocast = autocast_for(tcfg.precision, device)
+    # SLTrain layers fix their kernel once, from the micro-batch's token count (the same on resume)
+    kernels = choose_kernels(model, tcfg.micro_batch_size * cfg.data.seq_len, tcfg.precision.value, device)
 
     wrapped = distributed.wrap(model, rt, fsdp)
     if tcfg.layerwise:
@@ -174,9 +250,7 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
         optimizer = build_optimizer(model, cfg.optim, mcfg)
         scheduler = build_scheduler(optimizer, cfg.optim, mcfg, tcfg.steps)
 
-    # resume
     state = TrainState()
-    resume_from = _resume_path(tcfg.resume, ckpt_dir, fsdp)
     if resume_from is not None:
         state.load_state_dict(load_training_state(resume_from, model, optimizer, scheduler, rt, fsdp))
         train_stream.load_state_dict(state.data)
@@ -184,28 +258,40 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
         rt.print(f"resumed from {resume_from} at step {state.step}")
     start_step = state.step
     metrics = _Metrics(run_dir / "metrics.jsonl", start_step, rt.is_main)
+    last_saved: list = [resume_from]
 
-    def save(step: int, data_state: dict) -> None:
-        state.step, state.data, state.rng = step, data_state, {"torch": torch.get_rng_state()}
-        save_training_state(ckpt_dir, step, model, optimizer, scheduler,
-                            {**state.state_dict(), "config": to_container(cfg)}, rt, fsdp)
+    def save(step: int) -> None:
+        """The state after ``step`` completed steps: weights, optimizer, scheduler, TrainState."""
+        state.step, state.data, state.rng = step, train_stream.state_dict(), {"torch": torch.get_rng_state()}
+        try:
+            path = save_training_state(ckpt_dir, step, model, optimizer, scheduler,
+                                       {**state.state_dict(), "config": to_container(cfg)}, rt, fsdp)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise disk_full_error(run_dir, step, last_saved[0]) from None
+            raise
+        last_saved[0] = path
+        if rt.is_main:
+            prune_checkpoints(ckpt_dir, tcfg.keep_checkpoints, final_step=tcfg.steps)
 
-    summary: RunSummary = {"command": "pretrain", "run": run_dir.name, "run_dir": str(run_dir), "model": cfg.model.name,
-               "method": mcfg.name.value, "rank": mcfg.rank, "delta": mcfg.delta,
-               "params_total": counts["total"], "params_trainable": counts["trainable"],
-               "params_lowrank": counts["lowrank"], "params_sparse": counts["sparse_values"],
-               "index_entries": counts["indices"], "vocab_size": tokenizer.vocab_size,
-               "unigram_ppl": unigram, "world_size": rt.world_size, "device": str(device), "precision": tcfg.precision.value}
+    summary: RunSummary = {
+        "command": "pretrain", "run": run_dir.name, "run_dir": str(run_dir), "model": cfg.model.name,
+        "method": mcfg.name.value, "rank": mcfg.rank, "delta": mcfg.delta,
+        "params_total": counts["total"], "params_trainable": counts["trainable"],
+        "params_lowrank": counts["lowrank"], "params_sparse": counts["sparse_values"],
+        "index_entries": counts["indices"], "vocab_size": tokenizer.vocab_size, "unigram_ppl": unigram,
+        "world_size": rt.world_size, "device": str(device), "precision": tcfg.precision.value, "kernels": kernels}
     summary["est_mem_gb"] = estimated_memory_gb(model_cfg, mcfg)
     tokens_per_step = tcfg.total_batch_size * cfg.data.seq_len
     params = [p for p in model.parameters() if p.requires_grad]
-    step, status, val = start_step, "failed", None
-    data_state = train_stream.state_dict()
+    done, status, val = start_step, "failed", None
+    stop = StopSignal()
+    # one process abandons an evaluation at a signal; ranks of a group finish it (its forwards are collective)
+    eval_stop = (lambda: stop.requested) if rt.world_size == 1 else None
     bar = distributed.progress_bar(rt, enabled=progress, total=tcfg.steps, completed=start_step)
     try:
-        with bar:
+        with stop, bar:
             for step in range(start_step, tcfg.steps):
-                data_state = train_stream.state_dict()  # where this step starts, for an interrupt
                 t0 = time.perf_counter()
                 loss_sum, grad_norm = train_step(wrapped, *train_stream.next_batch(), accum, params, optimizer,
                                                  scheduler, cfg.optim.grad_clip, device, autocast)
@@ -216,6 +302,11 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
                     relora.reset_optimizer_state(optimizer, adapters, mcfg.reset, mcfg.reset_ratio, generator=gen)
                 state.train_time += time.perf_counter() - t0
                 state.tokens += tokens_per_step
+                bad = not bool(torch.isfinite(loss_sum)) or (grad_norm is not None and not math.isfinite(grad_norm))
+                diverged, stopping = distributed.any_across_ranks([bad, stop.requested], rt)
+                if diverged:
+                    done, status = step + 1, "diverged"
+                    break
                 done = step + 1
                 if done % tcfg.log_every == 0 or done == tcfg.steps:
                     loss_val = distributed.mean_across_ranks(loss_sum, rt)
@@ -226,49 +317,52 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
                     bar.update(done, loss=loss_val, lr=lr, tps=row["tokens_per_s"])
                 else:
                     bar.update(done)
-                if tcfg.eval_every and done % tcfg.eval_every == 0 and done < tcfg.steps:
-                    val = evaluate_ppl(wrapped, val_batches, device, autocast)
-                    metrics.log({"step": done, "tokens": state.tokens, "val_loss": val["loss"], "val_ppl": val["ppl"]})
-                    bar.note(f"step {done}: val loss {val['loss']:.4f}  ppl {val['ppl']:.2f}")
+                if tcfg.eval_every and done % tcfg.eval_every == 0 and done < tcfg.steps and not stopping:
+                    val = evaluate_ppl(wrapped, val_batches, device, autocast, stop=eval_stop)
+                    if val is not None:
+                        metrics.log({"step": done, "tokens": state.tokens, "val_loss": val["loss"],
+                                     "val_ppl": val["ppl"]})
+                        bar.note(f"step {done}: val loss {val['loss']:.4f}  ppl {val['ppl']:.2f}")
+                saved = False
                 if tcfg.save_every and done % tcfg.save_every == 0 and done < tcfg.steps:
-                    save(done, train_stream.state_dict())
-            step = tcfg.steps
-        save(tcfg.steps, train_stream.state_dict())
-        val = evaluate_ppl(wrapped, val_batches, device, autocast)
-        metrics.log({"step": tcfg.steps, "tokens": state.tokens, "val_loss": val["loss"], "val_ppl": val["ppl"]})
-        status = "completed"
-    except KeyboardInterrupt:
+                    save(done)
+                    saved = True
+                if stopping or distributed.any_across_ranks([stop.requested], rt)[0]:
+                    if not saved:
+                        save(done)
+                    status = "interrupted"
+                    break
+            if status not in ("interrupted", "diverged"):
+                save(tcfg.steps)
+                if not stop.requested:
+                    val = evaluate_ppl(wrapped, val_batches, device, autocast, stop=eval_stop)
+                if val is None or stop.requested:
+                    val, status = None, "interrupted"
+                else:
+                    metrics.log({"step": tcfg.steps, "tokens": state.tokens, "val_loss": val["loss"],
+                                 "val_ppl": val["ppl"]})
+                    status = "completed"
+    except KeyboardInterrupt:  # a second signal (or Ctrl-C outside the handler's reach): nothing more is saved
         status = "interrupted"
-        if not tcfg.layerwise:  # layer-wise steps inside backward: a half-stepped model is not a checkpoint
-            optimizer.zero_grad(set_to_none=True)
-            save(step, data_state)
     finally:
         peak, peak_kind = peak_memory(device)
-        summary.update({"tokens": state.tokens, "steps": step if status != "completed" else tcfg.steps,
+        summary.update({"tokens": state.tokens, "steps": done,
                         "val_loss": val["loss"] if val else None, "val_ppl": val["ppl"] if val else None,
                         "val_tokens": val["tokens"] if val else None,
                         "tokens_per_s": state.tokens / state.train_time if state.train_time else None,
                         "train_time_s": state.train_time, "peak_mem_bytes": peak, "peak_mem_kind": peak_kind,
                         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
                         "status": status})
+        if status == "interrupted":
+            summary["exit_code"] = stop.exit_code
+            summary["signal"] = signal.Signals(stop.signum or signal.SIGINT).name
+        if status == "diverged":
+            summary["exit_code"] = 3
+            summary["diverged_step"] = done
+            summary["last_checkpoint"] = str(last_saved[0]) if last_saved[0] else None
         if rt.is_main:
-            write_json(run_dir / "summary.json", summary)
-        distributed.shutdown(rt)
+            try:
+                write_json(run_dir / "summary.json", summary)
+            except OSError as err:  # a full disk must not hide the run's real outcome
+                print(f"summary.json not written: {err.strerror}", flush=True)
     return summary
-
-
-def _resume_path(resume: str, ckpt_dir: Path, fsdp: bool) -> Optional[Path]:
-    if not resume:
-        return None
-    if resume.lower() == "true":
-        return latest_checkpoint(ckpt_dir)  # nothing saved yet: start fresh
-    path = Path(resume)
-    if not path.exists():
-        raise UserError(f"train.resume: no checkpoint at {path}")
-    if path.is_dir() and (path / "checkpoints").is_dir():
-        found = latest_checkpoint(path / "checkpoints")
-        if found is None:
-            raise UserError(f"train.resume: no checkpoint in {path / 'checkpoints'}")
-        return found
-    return path
-

@@ -5,5 +5,5 @@ SMALL = dict(max_docs=12, seq_len=32)  # DataConfig of the first 12 speeches: ~3
 
 def tiny_overrides(out_dir, *extra):
     """A run that takes a few seconds on CPU: tiny model, 8 steps, small vocab, few documents."""
-    return ["model=tiny", "train=tiny", "tokenizer.vocab_size=512", "data.max_docs=24", "data.seq_len=64", "train.num_threads=1",
-            f"out_dir={out_dir}", *extra]
+    return ["model=tiny", "train=tiny", "tokenizer.vocab_size=512", "data.max_docs=24", "data.seq_len=64",
+            "train.num_threads=1", f"out_dir={out_dir}", *extra]

@@ -1,19 +1,25 @@
 """Every shipped config composes and validates; bad input is one line, exit code 2; the core stays pure."""
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
-from sltrain_cli.cli import app
-import dataclasses
-
-import yaml
-
 from sltrain_cli import configs
-from sltrain_cli.compose import (expand_aliases, expand_grid, from_container, group_options, load_config, run_name,
-                                 to_container, to_yaml)
+from sltrain_cli.cli import app
+from sltrain_cli.compose import (
+    expand_aliases,
+    expand_grid,
+    from_container,
+    group_options,
+    load_config,
+    run_name,
+    to_container,
+    to_yaml,
+)
 from sltrain_cli.configs import ConfigError, MethodName, Precision, RunConfig, field_help, iter_help
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

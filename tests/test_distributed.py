@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_overrides
 from sltrain_cli.checkpoint import LATEST, load_checkpoint
 from sltrain_cli.runs import load_run
-from sltrain_cli.compose import load_config
+
+from helpers import tiny_overrides
 
 
 def _run(out, nproc, *extra, check=True):

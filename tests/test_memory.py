@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from sltrain_cli.configs import MethodConfig, ModelConfig, UserError
-from sltrain_cli.memory import (PAPER_RECIPE, estimate_memory, load_model_config, measure_memory,
-                                memory_rows)
+from sltrain_cli.measure import measure_memory
+from sltrain_cli.memory import PAPER_RECIPE, estimate_memory, load_model_config, memory_rows
 
 # PAPER.md's LLaMA table (independent of conf/, so a conf typo cannot hide here).
 PAPER_SHAPES = {  # hidden, intermediate, layers, heads

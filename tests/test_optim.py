@@ -9,10 +9,18 @@ import torch.nn as nn
 
 from sltrain_cli.configs import MethodConfig, OptimConfig, UserError
 from sltrain_cli.core.galore import GaLoreAdamW
-from sltrain_cli.core.optim import (BNB_MISSING, LayerwiseOptimizer, build_optimizer, build_scheduler,
-                                    check_layerwise, galore_target_params, lr_factor, optimizer_state_bytes,
-                                    warmup_steps)
-from sltrain_cli.core.optim import relora_lr_factor
+from sltrain_cli.core.optim import (
+    BNB_MISSING,
+    LayerwiseOptimizer,
+    build_optimizer,
+    build_scheduler,
+    check_layerwise,
+    galore_target_params,
+    lr_factor,
+    optimizer_state_bytes,
+    relora_lr_factor,
+    warmup_steps,
+)
 
 
 def _bnb():

@@ -8,10 +8,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import tiny_overrides
 from sltrain_cli import data as data_lib
 from sltrain_cli.checkpoint import LATEST, load_checkpoint
 from sltrain_cli.cli import app
+
+from helpers import tiny_overrides
 
 runner = CliRunner()
 

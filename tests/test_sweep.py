@@ -31,7 +31,8 @@ def test_grid_expansion_aliases_and_names():
     assert trials[0].argv("/tmp/s")[-2:] == ["out_dir='/tmp/s'", "run_name='rank=64,delta=0.01'"]
     # a group can be swept too, and a repeated value is one trial
     trials, swept = plan_trials(["method=sltrain,lowrank", "rank=8,8"])
-    assert swept == ["method", "rank"] and [t.name for t in trials] == ["method=sltrain,rank=8", "method=lowrank,rank=8"]
+    assert swept == ["method", "rank"]
+    assert [t.name for t in trials] == ["method=sltrain,rank=8", "method=lowrank,rank=8"]
     # deterministic sweep name from the grid, without out_dir
     assert sweep_name(["rank=64,128", "model=tiny", "out_dir=x"]) == "rank=64+128,model=tiny"
     with pytest.raises(ConfigError, match="run_name"):

@@ -15,11 +15,12 @@ another, and the same support_seed gives the same supports in every process (how
 from __future__ import annotations
 
 import hashlib
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from ..configs import MethodConfig, MethodName
+from ..configs import ConfigError, MethodConfig, MethodName, ModelConfig
 from .lowrank import LowRankLinear
 from .sparse_lowrank import SparseLowRankLinear, _index_dtype, sample_support
 
@@ -53,7 +54,7 @@ def _swap(linear: nn.Linear, path: str, method: MethodName, cfg: MethodConfig) -
         layer = SparseLowRankLinear(n_in, n_out, rank, cfg.delta, cfg.alpha, bias=bias,
                                     support_seed=module_support_seed(cfg.support_seed, path),
                                     index_dtype=_index_dtype(cfg.index_dtype), support=cfg.support,
-                                    block_size=cfg.block_size, **factory)
+                                    block_size=cfg.block_size, kernel=cfg.kernel.value, **factory)
         if layer.support == "top" and layer.nnz and not w.is_meta:
             # the largest entries of the weight being replaced (meaningful after a warm start / pretrained load)
             layer.set_support(sample_support(n_out, n_in, cfg.delta, "top", reference=w))
@@ -61,7 +62,9 @@ def _swap(linear: nn.Linear, path: str, method: MethodName, cfg: MethodConfig) -
         from .relora import ReLoRALinear  # another module's layer; imported only when used
 
         with torch.device(w.device):
-            layer = ReLoRALinear(n_in, n_out, cfg.rank, cfg.alpha, bias=bias).to(w.dtype)
+            layer = ReLoRALinear(n_in, n_out, cfg.rank, cfg.alpha, bias=bias)
+        if layer.weight.dtype != w.dtype:  # a no-op .to() still walks every tensor
+            layer.to(w.dtype)
         if not w.is_meta:
             with torch.no_grad():
                 layer.weight.copy_(w)
@@ -74,6 +77,24 @@ def _swap(linear: nn.Linear, path: str, method: MethodName, cfg: MethodConfig) -
         with torch.no_grad():
             layer.bias.copy_(linear.bias)
     return layer
+
+
+def method_rank_limit(model_cfg: ModelConfig, method_cfg: MethodConfig) -> Optional[int]:
+    """The largest rank the method can use on this model's target layers (None when it uses no rank)."""
+    method = MethodName(getattr(method_cfg.name, "value", method_cfg.name))
+    if method not in (MethodName.lowrank, MethodName.relora, MethodName.galore, MethodName.sltrain):
+        return None
+    d, m = model_cfg.hidden_size, model_cfg.intermediate_size
+    sides = {"q": d, "k": d, "v": d, "o": d, "gate": min(d, m), "up": min(d, m), "down": min(d, m)}
+    return min(sides[t] for t in method_cfg.target_modules) if method_cfg.target_modules else None
+
+
+def check_method_fits(model_cfg: ModelConfig, method_cfg: MethodConfig) -> None:
+    """A rank above the smallest side of a target layer is a ConfigError (before any model is built)."""
+    limit = method_rank_limit(model_cfg, method_cfg)
+    if limit is not None and method_cfg.rank > limit:
+        raise ConfigError("method.rank", f"{method_cfg.rank} exceeds the smallest target layer dimension {limit} "
+                                         f"of model {model_cfg.name}")
 
 
 def apply_method(model: nn.Module, method_cfg: MethodConfig) -> nn.Module:

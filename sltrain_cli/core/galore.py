@@ -12,7 +12,8 @@ Adam runs on R (moments of shape R), and the weight moves by the back-projected,
     N = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
     W = W * (1 - lr * wd) - lr * scale * back(N)               (decoupled weight decay, as torch AdamW)
 
-P is recomputed from the current gradient (SVD in fp32 for half-precision gradients) every ``update_proj_gap`` steps, at step 0 too; the
+P is recomputed from the current gradient (SVD in fp32 for half-precision gradients) every ``update_proj_gap``
+steps, at step 0 too; the
 moments are carried across a refresh as in the GaLore reference. Optimizer memory per target matrix is
 2 r max(out, in) moment numbers + r min(out, in) projector numbers instead of 2 out in.
 

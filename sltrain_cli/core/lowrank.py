@@ -41,6 +41,8 @@ class LowRankLinear(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """A U(+-1/sqrt(in)), B U(+-1/sqrt(rank)) (both random: see the module docstring), bias U(+-1/sqrt(in))."""
+        if self.A.is_meta:  # no values to draw (and meta init ops are slow enough to matter for a 7B model)
+            return
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
         if self.bias is not None:

@@ -10,13 +10,19 @@ One init path: the constructor calls ``init_weights()`` (unless built on the met
 it yourself). It draws dense Linear/Embedding weights from N(0, init_std), sets RMSNorm weights to one and lets
 swapped layers (SparseLowRankLinear, LowRankLinear, ...) re-initialize themselves with their ``reset_parameters``.
 
+The loss never materializes the micro-batch's logits: with labels, ``_ChunkedLMHeadLoss`` runs the lm_head and the
+fp32 cross-entropy a chunk of tokens at a time (about 4M logits per chunk) and forms the gradients of the hidden
+states and of the lm_head weight in the same pass (the loss is a scalar, so backward only scales them). Same loss
+and gradients as ``F.cross_entropy(lm_head(h).float())``; the (tokens, vocab) fp32 logits, log-softmax and their
+gradients are gone from the peak. ``out.logits`` is still there when asked for: computed on first access (under the
+forward's autocast and grad mode).
+
     model = LlamaForCausalLM(ModelConfig(hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8))
-    out = model(input_ids, labels=input_ids)      # out.logits (batch, seq, vocab), out.loss (scalar)
+    out = model(input_ids, labels=input_ids)      # out.loss (scalar); out.logits (batch, seq, vocab) on demand
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -26,10 +32,72 @@ from torch.utils.checkpoint import checkpoint
 from ..configs import ModelConfig
 
 
-@dataclass
 class CausalLMOutput:
-    logits: torch.Tensor  # (batch, seq, vocab)
-    loss: Optional[torch.Tensor] = None  # mean next-token cross-entropy over labels != -100
+    """``.loss``: mean next-token cross-entropy over labels != -100 (None without labels); ``.logits`` (batch, seq,
+    vocab): given without labels, computed on first access with labels."""
+
+    def __init__(self, logits: Optional[torch.Tensor] = None, loss: Optional[torch.Tensor] = None,
+                 logits_fn: Optional[Callable[[], torch.Tensor]] = None):
+        self._logits, self.loss, self._logits_fn = logits, loss, logits_fn
+
+    @property
+    def logits(self) -> Optional[torch.Tensor]:
+        if self._logits is None and self._logits_fn is not None:
+            self._logits, self._logits_fn = self._logits_fn(), None
+        return self._logits
+
+
+LOSS_CHUNK_LOGITS = 1 << 22  # logits per chunk of the loss (16 MB in fp32)
+
+
+class _ChunkedLMHeadLoss(torch.autograd.Function):
+    """mean over targets != -100 of cross_entropy((h @ weight^T).float(), targets), a chunk of rows at a time.
+
+    h: (N, d) hidden states; weight: (V, d) lm_head weight (cast to ``dtype``, the compute dtype, inside); targets:
+    (N,) int64. With gradients needed, forward also forms dL/dh and dL/dweight (fp32-accumulated) chunk by chunk,
+    so no (N, V) tensor outlives a chunk; backward scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, dtype: torch.dtype, chunk: int):
+        need_h, need_w = ctx.needs_input_grad[:2]
+        with torch.autocast(h.device.type, enabled=False):
+            w, hc = weight.to(dtype), h.to(dtype)
+            valid = targets != -100
+            count = valid.sum().float()
+            safe = targets.clamp(min=0)
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            grad_h = torch.empty_like(hc) if need_h else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+            for s in range(0, h.shape[0], chunk):
+                e = min(s + chunk, h.shape[0])
+                logits = torch.mm(hc[s:e], w.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(1, safe[s:e, None]).squeeze(1)
+                total += torch.where(valid[s:e], lse - picked, 0.0).sum()
+                if need_h or need_w:
+                    p = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                    p[torch.arange(e - s, device=h.device), safe[s:e]] -= 1.0
+                    p.mul_((valid[s:e].float() / count)[:, None])  # mean over valid targets; ignored rows -> 0
+                    p = p.to(dtype)
+                    if need_h:
+                        torch.mm(p, w, out=grad_h[s:e])
+                    if need_w and p.dtype == torch.float32:
+                        grad_w.addmm_(p.t(), hc[s:e])
+                    elif need_w:
+                        grad_w.add_(torch.mm(p.t(), hc[s:e]))
+                    del p
+                del logits
+        ctx.grads = (grad_h, grad_w)
+        ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        dh = None if grad_h is None else grad_h.mul_(grad_out.to(grad_h.dtype)).to(ctx.h_dtype)
+        dw = None if grad_w is None else grad_w.mul_(grad_out.float()).to(ctx.w_dtype)
+        return dh, dw, None, None, None
 
 
 class RMSNorm(nn.Module):
@@ -130,6 +198,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(model_cfg.hidden_size, model_cfg.rms_norm_eps)
         self.lm_head = nn.Linear(model_cfg.hidden_size, model_cfg.vocab_size, bias=False)
         self.activation_checkpointing = False  # recompute each block in backward (training only)
+        self.loss_chunk_tokens: Optional[int] = None  # tokens per chunk of the loss; None: ~4M logits per chunk
         if not self.embed_tokens.weight.is_meta:
             self.init_weights()
 
@@ -158,9 +227,30 @@ class LlamaForCausalLM(nn.Module):
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.layers:
             h = checkpoint(block, h, cos, sin, use_reentrant=False) if recompute else block(h, cos, sin)
-        logits = self.lm_head(self.norm(h))
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutput(logits=logits, loss=loss)
+        h = self.norm(h)
+        if labels is None:
+            return CausalLMOutput(logits=self.lm_head(h))
+        return CausalLMOutput(loss=self.chunked_loss(h, labels), logits_fn=self._lazy_logits(h))
+
+    def chunked_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of final hidden states h (batch, seq, d) against labels, without materializing the logits."""
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.lm_head.weight.dtype
+        d, vocab = h.shape[-1], self.lm_head.out_features
+        chunk = self.loss_chunk_tokens or max(1, LOSS_CHUNK_LOGITS // vocab)
+        hs = h[:, :-1].reshape(-1, d)
+        targets = labels[:, 1:].reshape(-1)
+        if self.lm_head.bias is not None:  # never built so; a plain fallback keeps such a head correct
+            logits = self.lm_head(hs)
+            return F.cross_entropy(logits.float(), targets, ignore_index=-100)
+        return _ChunkedLMHeadLoss.apply(hs, self.lm_head.weight, targets, dtype, chunk)
+
+    def _lazy_logits(self, h: torch.Tensor) -> Callable[[], torch.Tensor]:
+        device = h.device.type
+        autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        grad = torch.is_grad_enabled()
+
+        def logits() -> torch.Tensor:
+            with torch.autocast(device, dtype=autocast[1], enabled=autocast[0]), torch.set_grad_enabled(grad):
+                return self.lm_head(h)
+        return logits

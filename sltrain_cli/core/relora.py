@@ -57,6 +57,8 @@ class ReLoRALinear(nn.Module):
 
     def reset_parameters(self) -> None:
         """nn.Linear's init for W0 (and bias); A Kaiming-uniform, B zero (so the adapter starts at 0)."""
+        if self.weight.is_meta:  # no values to draw (and meta init ops are slow enough to matter for a 7B model)
+            return
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0

@@ -9,17 +9,19 @@ random by default) and stored as flat row-major ``indices`` (a buffer, no gradie
 By Proposition 1 of the paper, BA + S is full rank with high probability for delta = Omega(log n / n), while the
 number of trained numbers is ``(in + out) * rank + nnz`` instead of ``in * out``.
 
-How it runs (``_SparseLowRankFn``): forward builds the dense W (one rank-r matmul, one ``index_add_`` of the values
-into a flat view), does **one dense** ``F.linear`` and drops W. Backward rebuilds W for ``dx = G W`` and forms the
-transient dense weight gradient ``Gw = G^T x`` once, from which ``dB = s Gw A^T``, ``dA = s B^T Gw`` and
-``dvalues = Gw[indices]`` (a gather). So only x, A, B, values and indices are kept between forward and backward --
-never an (out, in) tensor: the layer's persistent memory (weights, gradients, optimizer moments) scales with the
-parameter count, and the dense W exists only for the duration of one matmul. The cost is one extra rank-r product
-per backward and a scatter/gather of nnz entries.
+How it runs: two kernels compute the same function (``sparse_kernels.py`` has both and the cost model).
+``compose`` (the paper's) builds the dense W for one dense matmul and drops it; ``factored`` never builds W
+(``y = (x A^T)(s B)^T + x S^T`` with S as a CSR sparse-dense product, the support's CSR structure cached on the
+layer). Neither keeps an (out, in) tensor between forward and backward: the layer's persistent memory (weights,
+gradients, optimizer moments) scales with the parameter count. ``kernel="auto"`` (the default) picks the cheaper
+one for the token count of a micro-batch, the shapes, dtype and device from an analytic cost model: once per run
+through ``choose_kernels(model, tokens, dtype, device)`` (train does this), or at a layer's first call from that
+input's token count when used on its own; the choice is kept (so numbers are reproducible, resume exact).
 
     layer = SparseLowRankLinear(512, 1376, rank=128, delta=0.03, alpha=32, support_seed=0)
     y = layer(x)                      # x: (..., 512) -> y: (..., 1376)
     W = layer.dense_weight()          # the materialized (1376, 512) weight
+    SparseLowRankLinear(512, 1376, 128, 0.03, 32, kernel="factored")   # or "compose"; default "auto"
 """
 from __future__ import annotations
 
@@ -28,10 +30,10 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from .sparse_kernels import KERNELS, CsrCache, _ComposeFn, _FactoredFn, choose_kernel
 
 SUPPORT_KINDS = ("random", "row_balanced", "block", "top")
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 # ------------------------------------------------------------------------------------------------ support
@@ -126,83 +128,6 @@ def _index_dtype(index_dtype) -> torch.dtype:
     return table[value]
 
 
-# ------------------------------------------------------------------------------------------------ autograd
-def _work_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    # CPUs without native bf16 GEMM fall back to very slow kernels for some layouts; the rank-r product and the
-    # factor gradients are small, so on CPU they are done in fp32 (also more accurate) and only W is cast down.
-    return torch.float32 if device.type == "cpu" and dtype in _LOW_PRECISION else dtype
-
-
-def _build_weight(A, B, values, indices, scale: float, shape, dtype, device) -> torch.Tensor:
-    """The dense (out, in) weight (scale * B @ A) + S, contiguous, in ``dtype``. Uses plain ops, no autograd."""
-    work = _work_dtype(dtype, device)
-    if A is not None:
-        a, b = A.to(work), B.to(work)
-        # fold the scale into the smaller factor: one pass over r*min(in,out) numbers instead of over W
-        if a.numel() <= b.numel():
-            W = torch.mm(b, a * scale) if scale != 1.0 else torch.mm(b, a)
-        else:
-            W = torch.mm(b * scale, a) if scale != 1.0 else torch.mm(b, a)
-    else:
-        W = torch.zeros(shape, dtype=work, device=device)
-    if values is not None:
-        # unique indices: index_add_ on a flat view is one pass over nnz entries, no copy of W (CPU scatter_add_ in
-        # bf16 copies the whole weight), and it accepts int32 indices as they are
-        W.view(-1).index_add_(0, indices, values.to(work))
-    return W.to(dtype)
-
-
-class _SparseLowRankFn(torch.autograd.Function):
-    """y = x W^T + bias with W = scale * B A + S(values @ indices); saves x, A, B, values, indices only."""
-
-    @staticmethod
-    def forward(ctx, x, A, B, values, indices, bias, scale: float, out_features: int, in_features: int):
-        with torch.autocast(x.device.type, enabled=False):  # the module already chose the compute dtype
-            W = _build_weight(A, B, values, indices, scale, (out_features, in_features), x.dtype, x.device)
-            y = F.linear(x, W, None if bias is None else bias.to(x.dtype))
-        ctx.save_for_backward(x, A, B, values, indices)
-        ctx.scale, ctx.shape = scale, (out_features, in_features)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, A, B, values, indices = ctx.saved_tensors
-        need_x, need_A, need_B, need_v = ctx.needs_input_grad[:4]
-        need_bias = ctx.needs_input_grad[5]
-        out_f, in_f = ctx.shape
-        dtype, device = x.dtype, x.device
-        work = _work_dtype(dtype, device)
-        G = grad_out.reshape(-1, out_f).to(dtype)
-        dx = dA = dB = dv = dbias = None
-        with torch.autocast(device.type, enabled=False):
-            if need_x:
-                W = _build_weight(A, B, values, indices, ctx.scale, ctx.shape, work, device)  # rebuilt, not saved
-                if work != dtype:
-                    # CPU low precision: hold W transposed in memory so that G @ W runs as the fast "NT" bf16 GEMM
-                    # (the "NN" fallback is many times slower on CPUs without native bf16); the transpose is folded
-                    # into the down-cast copy
-                    Wt = torch.empty((in_f, out_f), dtype=dtype, device=device)
-                    Wt.copy_(W.t())
-                    W = Wt.t()
-                dx = torch.mm(G, W).view(x.shape)
-                del W
-            if need_A or need_B or need_v:
-                Gw = torch.mm(G.t(), x.reshape(-1, in_f))  # (out, in): the transient dense weight gradient
-                if need_v:
-                    dv = Gw.view(-1).index_select(0, indices).to(values.dtype)
-                if need_A or need_B:
-                    Gw = Gw.to(work)
-                    if need_A:
-                        dA = torch.mm((B.to(work) * ctx.scale).t(), Gw).to(A.dtype)
-                    if need_B:
-                        dB = torch.mm(Gw, (A.to(work) * ctx.scale).t()).to(B.dtype)
-                del Gw
-            if need_bias:
-                dbias = G.sum(0).to(ctx.bias_dtype)
-        return dx, dA, dB, dv, None, dbias, None, None, None
-
-
 # ------------------------------------------------------------------------------------------------ module
 class SparseLowRankLinear(nn.Module):
     """y = x W^T (+ bias), W = (alpha/rank) B A + S on a fixed sparse support. See the module docstring.
@@ -216,8 +141,14 @@ class SparseLowRankLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, delta: float, alpha: float,
                  bias: bool = False, support_seed: Optional[int] = None,
                  index_dtype: Union[torch.dtype, str] = torch.int64, support: str = "random",
-                 block_size: int = 16, device=None, dtype=None):
+                 block_size: int = 16, device=None, dtype=None, kernel: str = "auto"):
         super().__init__()
+        kernel = getattr(kernel, "value", kernel)
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        self.kernel = kernel
+        self.chosen_kernel: Optional[str] = None if kernel == "auto" else kernel  # auto: decided once, then kept
+        self._csr = CsrCache()  # the support's CSR structure for the factored kernel (not state, never saved)
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
         if rank > min(in_features, out_features):
@@ -270,6 +201,7 @@ class SparseLowRankLinear(nn.Module):
         """Redraw the support from ``support_seed`` (same seed -> same support)."""
         if self.indices is None or self._is_meta():
             return
+        self._csr.clear()
         gen = torch.Generator().manual_seed(self.support_seed)
         kind = "random" if self.support == "top" else self.support  # top needs a reference: see set_support
         idx = sample_support(self.out_features, self.in_features, self.delta, kind, gen, self.block_size)
@@ -278,6 +210,8 @@ class SparseLowRankLinear(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Support from the seed (unless set explicitly); A Kaiming-uniform, B zeros, values U(+-1/sqrt(in))."""
+        if self._is_meta():  # no values to draw (and meta init ops are slow enough to matter for a 7B model)
+            return
         if self._support_from_seed:
             self.reset_support()
         bound = 1.0 / math.sqrt(self.in_features)
@@ -295,6 +229,7 @@ class SparseLowRankLinear(nn.Module):
 
         ``values`` becomes a new Parameter when its size changes: build the optimizer after this call.
         """
+        self._csr.clear()
         idx = torch.as_tensor(indices).reshape(-1).to(torch.long)
         n = self.in_features * self.out_features
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
@@ -334,17 +269,46 @@ class SparseLowRankLinear(nn.Module):
             W = W.reshape(-1).index_add(0, self.indices, self.values).view(self.out_features, self.in_features)
         return W
 
+    def choose_kernel(self, tokens: int, dtype: torch.dtype, device) -> str:
+        """Fix the kernel ``auto`` runs from a micro-batch's token count, the compute dtype and the device (an
+        explicit kernel is kept); returns the kernel this layer runs from now on."""
+        if self.chosen_kernel is None:
+            self.chosen_kernel = choose_kernel(int(tokens), self.in_features, self.out_features, self.rank, self.nnz,
+                                               dtype, torch.device(device))
+        return self.chosen_kernel
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
         if torch.is_autocast_enabled(x.device.type):
             # autocast does not reach into a custom Function: run it in the autocast dtype, as F.linear would
             dt = torch.get_autocast_dtype(x.device.type)
             x = x.to(dt)
-        return _SparseLowRankFn.apply(x, self.A, self.B, self.values, self.indices, bias, self.scale,
-                                      self.out_features, self.in_features)
+        kernel = self.chosen_kernel or self.choose_kernel(x.numel() // max(1, self.in_features), x.dtype, x.device)
+        if kernel == "factored":
+            plan = None if self.values is None else self._csr.plan(self.indices, self.out_features, self.in_features)
+            return _FactoredFn.apply(x, self.A, self.B, self.values, bias, plan, self.scale, self.out_features,
+                                     self.in_features)
+        return _ComposeFn.apply(x, self.A, self.B, self.values, self.indices, bias, self.scale,
+                                self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"delta={self.delta:g}, nnz={self.nnz}, alpha={self.alpha:g}, support={self.support}, "
                 f"support_seed={self.support_seed}, index_dtype={str(self.index_dtype).replace('torch.', '')}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}, kernel={self.kernel}"
+                + (f" ({self.chosen_kernel})" if self.kernel == "auto" and self.chosen_kernel else ""))
+
+
+def choose_kernels(model: nn.Module, tokens_per_microbatch: int, dtype, device) -> dict:
+    """Fix every SparseLowRankLinear's kernel for a run (``auto`` layers choose from the cost model; explicit ones
+    keep theirs) and return ``{"in->out": kernel}`` per layer shape, e.g. ``{"64->176": "factored"}`` -- what train
+    writes to summary.json as "kernels". Deterministic: the same config picks the same kernels, on resume too.
+    dtype: the compute dtype, or a train.precision name (fp32 | bf16-mixed | bf16-pure)."""
+    if isinstance(dtype, str):
+        dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    found = {}
+    for module in model.modules():
+        if isinstance(module, SparseLowRankLinear):
+            kernel = module.choose_kernel(tokens_per_microbatch, dtype, device)
+            found.setdefault(f"{module.in_features}->{module.out_features}", set()).add(kernel)
+    return {shape: "/".join(sorted(kinds)) for shape, kinds in sorted(found.items())}

@@ -29,8 +29,16 @@ takes one and turns documents into rows (it imports tokenizer.py for type checki
 from .cache import cache_root, default_cache_root, digest, hub_unreachable, require_c4
 from .corpora import Corpus, load_documents, open_corpus, resolve_files, split_documents
 from .rows import Batch, tokenize_documents
-from .streams import (C4_VAL_SEED, STREAM_SAMPLE_TOKENS, StreamingTrainStream, TrainStream, ValSet, build_datasets,
-                      build_whole_corpus_set, unigram_perplexity)
+from .streams import (
+                      C4_VAL_SEED,
+                      STREAM_SAMPLE_TOKENS,
+                      StreamingTrainStream,
+                      TrainStream,
+                      ValSet,
+                      build_datasets,
+                      build_whole_corpus_set,
+                      unigram_perplexity,
+)
 
 __all__ = ["Batch", "C4_VAL_SEED", "Corpus", "STREAM_SAMPLE_TOKENS", "StreamingTrainStream", "TrainStream", "ValSet",
            "build_datasets", "build_whole_corpus_set", "cache_root", "default_cache_root", "digest",

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 
-from ..checkpoint import atomic_torch_save
+from ..files import atomic_torch_save
 from .corpora import Corpus
 
 if TYPE_CHECKING:

@@ -12,8 +12,7 @@ import torch
 from ..configs import ConfigError, DataConfig, DataName, UserError
 from .cache import default_cache_root, digest
 from .corpora import Corpus, open_corpus
-from .rows import (Batch, _packed_rows, _padded_rows, _rows_to_batch, _stream_rows, _tokenized_corpus,
-                   tokenize_documents)
+from .rows import Batch, _packed_rows, _padded_rows, _rows_to_batch, _stream_rows, _tokenized_corpus, tokenize_documents
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
