@@ -102,6 +102,9 @@ def resolve_checkpoint(path_or_run: Path | str) -> Path:
         if found is None:
             raise FileNotFoundError(f"no checkpoint in {path / 'checkpoints'}")
         return found
+    if path.is_dir() and not (path / ".metadata").is_file() and not (path / "extra.pt").is_file():
+        raise FileNotFoundError(f"{path} holds no checkpoint (a run folder has checkpoints/; a sharded "
+                                "checkpoint has .metadata)")
     if path.exists():
         problem = checkpoint_problem(path)
         if problem is not None:

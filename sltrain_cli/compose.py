@@ -10,12 +10,15 @@ key or a wrongly typed value fails here) and instantiate the dataclasses (ranges
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import os
 import re
+import typing
+from enum import Enum
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -38,12 +41,23 @@ RECIPES_KEY = "method_recipes"  # experiment presets: {method name: {dotted key:
 
 
 def conf_dir() -> Path:
-    """conf/ of this checkout (editable install), or $SLTRAIN_CONF_DIR."""
+    """$SLTRAIN_CONF_DIR if set; else the conf/ shipped inside the installed package (sltrain_cli/conf, mapped
+    from the repository's conf/ by pyproject.toml); else the checkout's top-level conf/ (editable install)."""
     env = os.environ.get("SLTRAIN_CONF_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[1] / "conf"
-    if not (path / "config.yaml").is_file():
-        raise ConfigError("SLTRAIN_CONF_DIR", f"no config.yaml in {path}; point it at sltrain's conf/ folder")
-    return path
+    if env:
+        path = Path(env)
+        if not (path / "config.yaml").is_file():
+            raise ConfigError("SLTRAIN_CONF_DIR", f"no config.yaml in {path}; point it at sltrain's conf/ folder")
+        return path
+    from importlib.resources import files
+
+    packaged = Path(str(files(__package__) / "conf"))  # a plain folder: wheels install unzipped
+    checkout = Path(__file__).resolve().parents[1] / "conf"
+    for path in (packaged, checkout):
+        if (path / "config.yaml").is_file():
+            return path
+    raise ConfigError("SLTRAIN_CONF_DIR", f"sltrain's conf/ is missing (looked in {packaged} and {checkout}); "
+                                          "reinstall sltrain or point SLTRAIN_CONF_DIR at a conf/ folder")
 
 
 def group_options(group: str) -> List[str]:
@@ -144,9 +158,21 @@ def _omegaconf_error(err: OmegaConfBaseException, schema: DictConfig) -> ConfigE
     return ConfigError(key, text)
 
 
+def _check_group_options(overrides: List[str]) -> None:
+    """Every group=option names a file of that group. Hydra itself misses one case: conf/config.yaml lists
+    ``optional experiment: null``, and an optional group skips an option it cannot find, so
+    ``experiment=paper_60`` would silently train the defaults."""
+    for ov in overrides:
+        key, value = split_override(ov)
+        group, value = key.lstrip("+~"), value.strip()
+        if group in GROUPS and value not in group_options(group):
+            raise ConfigError(group, f"unknown option {value!r}; choose from {', '.join(group_options(group))}")
+
+
 def compose_dict(overrides: Sequence[str] = ()) -> DictConfig:
     """Composed DictConfig, typed by the RunConfig schema (no __post_init__ range checks yet)."""
     overrides = expand_aliases(overrides)
+    _check_group_options(overrides)
     schema = OmegaConf.structured(RunConfig)
     try:
         cfg = _compose(overrides)
@@ -176,13 +202,12 @@ def load_config(overrides: Sequence[str] = ()) -> RunConfig:
 def to_yaml(cfg: RunConfig) -> str:
     """The resolved config as YAML (enums by value), as saved in every run folder and printed by
     ``sltrain pretrain --print-config``: each section under its dataclass docstring and each key under its
-    help (``configs.field_help``), as ``#`` comments. The comments sit on the line above, so that a key's
+    help (``field_help``), as ``#`` comments. The comments sit on the line above, so that a key's
     line is only ``key: value`` (line diffs of two runs' configs stay clean); they change nothing it loads to."""
     from dataclasses import fields, is_dataclass
     from enum import Enum
     from textwrap import wrap
 
-    from .configs import field_help
 
     def plain(value):  # enums by value (bf16-mixed, as users write it; loading accepts either spelling)
         if isinstance(value, Enum):
@@ -314,3 +339,51 @@ def find_override(overrides: Sequence[str], key: str) -> Optional[str]:
         if "=" in o and override_key(o) == ALIASES.get(key, key):
             found = o.split("=", 1)[1]
     return found
+
+
+# ------------------------------------------------------------------------------ field help
+def _config_class(cls_or_instance) -> type:
+    cls = cls_or_instance if isinstance(cls_or_instance, type) else type(cls_or_instance)
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"not a config dataclass: {cls!r}")
+    return cls
+
+
+def _field_types(cls: type) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)  # resolves the string annotations of ``from __future__ import annotations``
+
+
+def _enum_of(hint) -> Optional[type]:
+    for t in (hint, *typing.get_args(hint)):  # Optional[E] too
+        if isinstance(t, type) and issubclass(t, Enum):
+            return t
+    return None
+
+
+def field_help(cls_or_instance, name: str) -> str:
+    """The help of one field: ``field_help(RunConfig, "method.rank")`` or ``field_help(cfg.method, "rank")``.
+    An Enum field's help ends with its allowed values; a nested config's help is its docstring."""
+    cls = _config_class(cls_or_instance)
+    head, _, rest = name.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if head not in fields:
+        raise KeyError(f"{cls.__name__} has no field {head!r}")
+    hint = _field_types(cls)[head]
+    if rest:
+        return field_help(hint, rest)
+    text = " ".join(str(fields[head].metadata.get("help", "")).split())
+    enum_cls = _enum_of(hint)
+    if enum_cls is not None:
+        text += f" ({' | '.join(m.value for m in enum_cls)})"
+    return text
+
+
+def iter_help(cls_or_instance=None, prefix: str = ""):
+    """(dotted key, help) for every settable key, nested configs flattened: ('method.rank', 'r of B ...')."""
+    cls = _config_class(RunConfig if cls_or_instance is None else cls_or_instance)
+    types = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(types[f.name]):
+            yield from iter_help(types[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", field_help(cls, f.name)

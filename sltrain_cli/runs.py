@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -72,6 +73,17 @@ class LoadedRun:
     checkpoint: Path
 
 
+def _state_dict_mismatch(err: RuntimeError) -> str:
+    """The first difference load_state_dict reports, in a few words."""
+    lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+    first = lines[0] if lines else str(err).splitlines()[0]
+    found = re.match(r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) from "
+                     r"checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)", first)
+    if found:
+        return f"{found[1]} is {found[2]} in the checkpoint, {found[3]} in the model"
+    return first.rstrip(".")
+
+
 def load_run(path: Path | str, *, key: str = "RUN", precision: Optional[Precision] = None,
              device: torch.device | str = "cpu") -> LoadedRun:
     """A run folder (its latest checkpoint), a checkpoint file or a sharded checkpoint folder -> LoadedRun.
@@ -85,12 +97,19 @@ def load_run(path: Path | str, *, key: str = "RUN", precision: Optional[Precisio
         raise ConfigError(key, str(err)) from None
     run_dir = run_dir_of(ckpt)
     cfg = from_container(stored_config(ckpt))
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    tokenizer = load_tokenizer(run_dir / "tokenizer", key=key)
     model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
     method_cfg = dataclasses.replace(cfg.method, warm_start=None)  # the checkpoint holds the weights
     model = build_model(model_cfg, method_cfg, cfg.seed, torch.device("cpu"),
                         cfg.train.precision if precision is None else precision)
-    extra = load_model_weights(ckpt, model)
+    try:
+        extra = load_model_weights(ckpt, model)
+    except RuntimeError as err:  # load_state_dict: the weights are of another model than the folder describes
+        if "Error(s) in loading state_dict" not in str(err):
+            raise
+        raise ConfigError(key, f"{ckpt}: the checkpoint does not fit the model of its run folder "
+                               f"({_state_dict_mismatch(err)}); are its tokenizer/ and checkpoints/ from "
+                               "different runs?") from None
     model.to(device).eval()
     return LoadedRun(model, tokenizer, cfg, run_dir, int(extra.get("step", 0)), ckpt)
 
@@ -124,18 +143,26 @@ def _describe_changes(changes) -> str:
     return shown + (f" (and {len(changes) - 8} more)" if len(changes) > 8 else "")
 
 
-def check_run_dir(cfg: RunConfig, run_dir: Path, warn) -> tuple[Optional[Path], Optional[RunSummary]]:
+def check_run_dir(cfg: RunConfig, run_dir: Path, warn, probe_lock: bool = True
+                  ) -> tuple[Optional[Path], Optional[RunSummary]]:
     """Decide, before any work and without writing, what this run does with its folder.
 
     Returns (checkpoint to resume from or None, summary of an identical completed run to return instead of
-    training). Refuses (ConfigError, exit 2) a resume whose config differs from the checkpoint's, and a fresh
-    start over a folder that holds another run unless train.overwrite=true.
+    training). Refuses (exit 2) a folder another process holds (``probe_lock``: rank 0 only), a resume whose
+    config differs from the checkpoint's, and a fresh start over a folder that holds another run unless
+    train.overwrite=true.
     """
     tcfg, ckpt_dir = cfg.train, run_dir / "checkpoints"
+    if probe_lock and (run_dir / ".lock").is_file():
+        try:
+            RunLock(run_dir).acquire().release()
+        except FolderInUse as err:
+            raise UserError(f"run folder: {err}; wait for it to finish or choose another run_name") from None
     current = to_container(cfg)
     resume_from = resume_path(tcfg.resume, ckpt_dir, warn)
     if resume_from is not None:
-        changes = config_changes(stored_config(resume_from), current)
+        stored = to_container(from_container(stored_config(resume_from)))  # keys added since: defaults
+        changes = config_changes(stored, current)
         if changes:
             raise ConfigError("train.resume", f"the checkpoint {resume_from.name} was trained with another config "
                                               f"({_describe_changes(changes)}); resume with the same settings, or "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, List, Optional, Sequence, Union
 
@@ -114,7 +115,12 @@ def load_tokenizer(path: Union[str, Path], key: str = "tokenizer.path") -> Token
         raise ConfigError(key, f"{path} does not exist")
     meta = {}
     if path.is_dir() and (path / Tokenizer.META).is_file():
-        meta = json.loads((path / Tokenizer.META).read_text())
+        try:
+            meta = json.loads((path / Tokenizer.META).read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(key, f"cannot read {path / Tokenizer.META}: {_first_line(err)}") from None
+        if not isinstance(meta, dict):
+            raise ConfigError(key, f"{path / Tokenizer.META} is not a tokenizer meta file")
     ids = {"eos_id": meta.get("eos_id"), "pad_id": meta.get("pad_id")}
     name = meta.get("name", path.name)
     backend = meta.get("backend")
@@ -143,10 +149,15 @@ def load_tokenizer(path: Union[str, Path], key: str = "tokenizer.path") -> Token
 
             return Tokenizer("transformers", AutoTokenizer.from_pretrained(str(path), local_files_only=True),
                              name, **ids)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise ConfigError(key, f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # noqa: BLE001 - `tokenizers` raises a bare Exception for a damaged tokenizer.json
+        raise ConfigError(key, f"cannot load a tokenizer from {path}: {_first_line(err)}") from None
     raise ConfigError(key, f"{path} is not a tokenizer (expected a directory with tokenizer_config.json or "
                            "tokenizer.json, a spiece.model, or a tokenizer.json file)")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _t5_base() -> Tokenizer:
@@ -203,16 +214,26 @@ def build_tokenizer(corpus: Corpus, tok_cfg: TokenizerConfig, cache_root: Path) 
             tok = _t5_base()
         return tok
     path = root / "tokenizers" / f"bpe-{digest(['bpe-v1', corpus.key, tok_cfg.vocab_size])}.json"
-    if not path.is_file():
-        if corpus.streaming:
-            texts = (ex["text"] for ex in corpus.stream("train"))
-            texts = itertools.islice((t for t in texts if corpus.keep("train", t)),
-                                     data_cfg.max_docs or C4_TRAIN_DOCS_FOR_BPE)
-            bpe = _train_bpe(texts, tok_cfg.vocab_size)
+    damaged = False
+    if path.is_file():
+        try:
+            tok = load_tokenizer(path)
+        except ConfigError:
+            damaged = True  # a truncated or otherwise damaged cache file: train again and replace it
         else:
-            train_docs, _ = corpus.documents()
-            bpe = _train_bpe(train_docs, tok_cfg.vocab_size, length=len(train_docs))
-        atomic_write(path, bpe.to_str(pretty=True))
+            tok.name = f"bpe{tok.vocab_size}-{corpus.name}"
+            return tok
+    if corpus.streaming:
+        texts = corpus.texts(corpus.stream("train"))
+        texts = itertools.islice((t for t in texts if corpus.keep("train", t)),
+                                 data_cfg.max_docs or C4_TRAIN_DOCS_FOR_BPE)
+        bpe = _train_bpe(texts, tok_cfg.vocab_size)
+    else:
+        train_docs, _ = corpus.documents()
+        bpe = _train_bpe(train_docs, tok_cfg.vocab_size, length=len(train_docs))
+    atomic_write(path, bpe.to_str(pretty=True))
+    if damaged:
+        print(f"note: the cached tokenizer {path} was unreadable; rebuilt it", file=sys.stderr, flush=True)
     tok = load_tokenizer(path)
     tok.name = f"bpe{tok.vocab_size}-{corpus.name}"
     return tok

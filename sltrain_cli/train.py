@@ -197,7 +197,7 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
 
     run_dir = Path(run_dir)
     check_writable(run_dir)
-    resume_from, done_before = check_run_dir(cfg, run_dir, rt.print)
+    resume_from, done_before = check_run_dir(cfg, run_dir, rt.print, probe_lock=rt.is_main)
     if done_before is not None:
         rt.print(f"{run_dir} already holds this run, completed (val ppl {done_before.get('val_ppl')}); "
                  "not training it again (train.overwrite=true to retrain)")

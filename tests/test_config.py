@@ -13,14 +13,16 @@ from sltrain_cli.cli import app
 from sltrain_cli.compose import (
     expand_aliases,
     expand_grid,
+    field_help,
     from_container,
     group_options,
+    iter_help,
     load_config,
     run_name,
     to_container,
     to_yaml,
 )
-from sltrain_cli.configs import ConfigError, MethodName, Precision, RunConfig, field_help, iter_help
+from sltrain_cli.configs import ConfigError, MethodName, Precision, RunConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

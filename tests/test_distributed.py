@@ -98,6 +98,23 @@ def test_fsdp_matches_one_process_and_resumes(tmp_path, cache_dir):
     _close(_losses(fsdp), _losses(part), tol=1e-6)
 
 
+def test_factored_kernel_under_ddp_and_fsdp(tmp_path, cache_dir):
+    """SparseLowRankLinear's factored kernel (a custom autograd Function with CSR products on a replicated support
+    buffer) trains under DDP and FSDP2 to the same numbers as one process."""
+    ov = ["method=sltrain", "rank=8", "method.kernel=factored"]
+    _run(tmp_path, 1, *ov, "run_name=one")
+    _run(tmp_path, 2, *ov, "run_name=ddp")
+    _run(tmp_path, 2, *ov, "train.parallel=fsdp", "run_name=fsdp")
+    one, ddp, fsdp = (tmp_path / "pretrain" / name for name in ("one", "ddp", "fsdp"))
+    _close(_losses(one), _losses(ddp))
+    _close(_losses(one), _losses(fsdp), tol=1e-4)
+    for run in (ddp, fsdp):
+        assert set(json.loads((run / "summary.json").read_text())["kernels"].values()) == {"factored"}
+    a, b = _final_weights(one, ()), _final_weights(fsdp, ())
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-4), k
+
+
 def test_layerwise_under_ddp_is_refused(tmp_path, cache_dir):
     proc = _run(tmp_path, 2, "train.layerwise=true", "optim.grad_clip=0", "run_name=lw", check=False)
     assert proc.returncode != 0

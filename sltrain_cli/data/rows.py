@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, List, Sequence, Tuple
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
+_TOKEN_KEYS = ("train_tokens", "train_offsets", "val_tokens", "val_offsets")
 
 
 def tokenize_documents(tokenizer: Tokenizer, docs: Sequence[str],
@@ -32,15 +34,21 @@ def tokenize_documents(tokenizer: Tokenizer, docs: Sequence[str],
 def _tokenized_corpus(corpus: Corpus, tokenizer: Tokenizer, root: Path) -> dict:
     """Token ids of both splits, from tokens/<corpus>-<tokenizer>.pt when an earlier run left them there."""
     path = root / "tokens" / f"{corpus.key}-{tokenizer.fingerprint}.pt"
+    damaged = False
     if path.is_file():
         try:
-            return torch.load(path, weights_only=True)
+            data = torch.load(path, weights_only=True)
+            if isinstance(data, dict) and all(isinstance(data.get(k), torch.Tensor) for k in _TOKEN_KEYS):
+                return data
         except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt
             pass
+        damaged = True
     data = {}
     for split, docs in zip(("train", "val"), corpus.documents()):
         data[f"{split}_tokens"], data[f"{split}_offsets"] = tokenize_documents(tokenizer, docs)
     atomic_torch_save(path, data)
+    if damaged:
+        print(f"note: the cached token ids {path} were unreadable; rebuilt them", file=sys.stderr, flush=True)
     return data
 
 

@@ -102,7 +102,7 @@ class StreamingTrainStream:
         ds = _shuffled(self.corpus.stream("train"), self.cfg.seed, self.cfg.shuffle_buffer)
         ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
         ds.set_epoch(epoch)
-        texts = (t for t in (ex["text"] for ex in ds) if self.corpus.keep("train", t))
+        texts = (t for t in self.corpus.texts(ds) if self.corpus.keep("train", t))
         if not self.cfg.packing:  # one row per document: skip documents without tokenizing them
             texts, skip = itertools.islice(texts, skip, None), 0
         return itertools.islice(_stream_rows(texts, self.tokenizer, self.seq_len, self.cfg.packing), skip, None)
@@ -203,7 +203,7 @@ def build_datasets(corpus: Union[Corpus, DataConfig], tokenizer: Tokenizer, *, r
         val_ds = corpus.stream("validation")  # checks that the hub is reachable for C4
         if data_cfg.name == DataName.c4:  # the harness evaluates on the validation split shuffled with seed 42
             val_ds = _shuffled(val_ds, C4_VAL_SEED, data_cfg.shuffle_buffer)
-        val_texts = (t for t in (ex["text"] for ex in val_ds) if corpus.keep("validation", t))
+        val_texts = (t for t in corpus.texts(val_ds) if corpus.keep("validation", t))
         val = ValSet(corpus.name, rows=_stream_rows(val_texts, tokenizer, data_cfg.seq_len, data_cfg.packing))
         return StreamingTrainStream(corpus, tokenizer, rows_per_step=rows_per_step, rank=rank,
                                     world_size=world_size), val
