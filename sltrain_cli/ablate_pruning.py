@@ -107,24 +107,26 @@ def study_pruning(own, rest, folder: Path, console: Console) -> List[dict]:
     rank, delta = cfg.method.rank, cfg.method.delta
     if rank < 1 or delta <= 0:
         raise ConfigError("method.rank", f"study=pruning needs rank >= 1 and delta > 0, got rank={rank}, delta={delta}")
+    modules = target_modules(run.model, cfg.method.target_modules)
+    smallest = min(min(dense_of(m).shape) for _, m in modules)
+    if rank >= smallest:  # L0 would be W0 itself: every row of the table would equal full rank
+        raise ConfigError("method.rank", f"study=pruning needs a rank below the smallest side {smallest} of the "
+                                         f"target weights of {run.run_dir.name}, got {rank} (set rank=...)")
     gen = torch.Generator().manual_seed(cfg.method.support_seed)
     targets = {}
-    for qual, module in target_modules(run.model, cfg.method.target_modules):
+    for qual, module in modules:
         w0 = dense_of(module)
         left, right, res = svd_split(w0, rank)
         supports = {"top": sample_support(*w0.shape, delta, "top", reference=res),
                     "random": sample_support(*w0.shape, delta, "random", gen)}
         targets[qual] = _Target(w0, left, right, res, supports)
-    if any(rank >= min(t.w0.shape) for t in targets.values()):
-        console.print(f"[yellow]warning:[/yellow] rank={rank} >= a target's smaller side: L0 is exact there",
-                      highlight=False)
 
     device = resolve_device(cfg.train.device)
     autocast = autocast_for(cfg.train.precision, device)
     _, val_set = data_lib.build_datasets(data_lib.open_corpus(run.cfg.data), run.tokenizer,
                                          rows_per_step=cfg.train.total_batch_size,
                                          cache_root=data_lib.cache_root(run.cfg.tokenizer))
-    val_batches = val_set.batches(cfg.train.eval_tokens, cfg.train.micro_batch_size)
+    val_batches = val_set.batches(cfg.train.eval_tokens, cfg.train.micro_batch())
 
     def evaluate(model: torch.nn.Module, label: str) -> dict:
         model.to(device)

@@ -91,13 +91,27 @@ def expand_aliases(overrides: Iterable[str]) -> List[str]:
     return out
 
 
+PATH_KEYS = ("data.path",)  # comma lists of files: one value, never a grid (quoted for Hydra's grammar)
+
+
+def quote_paths(overrides: Sequence[str]) -> List[str]:
+    """data.path=a.txt,b.txt -> data.path='a.txt,b.txt' (Hydra would read an unquoted comma list as a sweep)."""
+    out = []
+    for o in overrides:
+        key, value = split_override(o)
+        if override_key(o) in PATH_KEYS and "," in value and value[:1] not in ("'", '"', "["):
+            o = f"{key}={quote(value)}"
+        out.append(o)
+    return out
+
+
 def expand_grid(overrides: Sequence[str]) -> List[List[str]]:
     """Cartesian product of comma-separated values: ['rank=1,2', 'lr=3'] -> [['rank=1','lr=3'], ['rank=2','lr=3']].
     A value in brackets (a list, e.g. method.target_modules=[q,v]) is kept whole."""
     axes = []
     for ov in overrides:
         key, value = split_override(ov)
-        if value.startswith("[") or "," not in value:
+        if value.startswith("[") or "," not in value or override_key(ov) in PATH_KEYS:
             axes.append([f"{key}={value}"])
         else:
             axes.append([f"{key}={v.strip()}" for v in value.split(",")])
@@ -171,7 +185,7 @@ def _check_group_options(overrides: List[str]) -> None:
 
 def compose_dict(overrides: Sequence[str] = ()) -> DictConfig:
     """Composed DictConfig, typed by the RunConfig schema (no __post_init__ range checks yet)."""
-    overrides = expand_aliases(overrides)
+    overrides = quote_paths(expand_aliases(overrides))
     _check_group_options(overrides)
     schema = OmegaConf.structured(RunConfig)
     try:

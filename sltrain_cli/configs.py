@@ -300,12 +300,14 @@ class OptimConfig:
     warmup_ratio: float = field(default=0.1, metadata={"help": "warmup as a fraction of train.steps, in [0, 1), "
                                                                "when warmup_steps is null"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "final lr = min_lr_ratio * lr (cosine, linear)"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm; 0 = off"})
+    grad_clip: Optional[float] = field(default=None, metadata={
+        "help": "max global grad norm; 0 = off; null = 1.0, or off with train.layerwise (which cannot clip)"})
 
     def __post_init__(self):
         self.name = _enum(self.name, OptimName, "optim.name")
         self.schedule = _enum(self.schedule, Schedule, "optim.schedule")
-        for k in ("lr", "eps", "weight_decay", "grad_clip", "beta1", "beta2"):
+        finite = ("lr", "eps", "weight_decay", "beta1", "beta2") + (("grad_clip",) if self.grad_clip is not None else ())
+        for k in finite:
             _check(math.isfinite(getattr(self, k)), f"optim.{k}", f"must be a finite number, got {getattr(self, k)}")
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
@@ -316,7 +318,7 @@ class OptimConfig:
             _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(0 <= self.warmup_ratio < 1, "optim.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        _check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _check(self.grad_clip is None or self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
 
 
 @dataclass
@@ -326,7 +328,8 @@ class TrainConfig:
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     total_batch_size: int = field(default=8, metadata={
         "help": "global batch in sequences (all micro-batches, all ranks)"})
-    micro_batch_size: int = field(default=8, metadata={"help": "sequences per forward pass per rank"})
+    micro_batch_size: Optional[int] = field(default=None, metadata={
+        "help": "sequences per forward pass per rank; null = total_batch_size / processes (no accumulation)"})
     precision: Precision = field(default=Precision.fp32, metadata={"help": "numeric precision of weights and "
                                                                            "compute"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu) | cpu | cuda | "
@@ -354,9 +357,10 @@ class TrainConfig:
         self.parallel = _enum(self.parallel, Parallel, "train.parallel")
         _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
         _check(self.total_batch_size >= 1, "train.total_batch_size", f"must be >= 1, got {self.total_batch_size}")
-        _check(self.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
-        _check(self.total_batch_size % self.micro_batch_size == 0, "train.total_batch_size",
-               f"must be a multiple of train.micro_batch_size={self.micro_batch_size}, got {self.total_batch_size}")
+        if self.micro_batch_size is not None:
+            _check(self.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+            _check(self.total_batch_size % self.micro_batch_size == 0, "train.total_batch_size",
+                   f"must be a multiple of train.micro_batch_size={self.micro_batch_size}, got {self.total_batch_size}")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "train.device",
                f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         for k in ("log_every",):
@@ -366,9 +370,18 @@ class TrainConfig:
         _check(self.eval_tokens >= 1, "train.eval_tokens", f"must be >= 1, got {self.eval_tokens}")
         self.resume = "" if self.resume in (None, "false", "False") else str(self.resume)
 
+    def micro_batch(self, world_size: int = 1) -> int:
+        """Sequences per forward pass per rank: micro_batch_size, or (unset) the global batch split over the
+        processes, one micro-batch per step."""
+        if self.micro_batch_size is not None:
+            return self.micro_batch_size
+        _check(self.total_batch_size % world_size == 0, "train.total_batch_size",
+               f"must be divisible by the {world_size} processes, got {self.total_batch_size}")
+        return self.total_batch_size // world_size
+
     def grad_accum_steps(self, world_size: int = 1) -> int:
         """Micro-batches per optimizer step on each rank; the global batch must split evenly."""
-        per_step = self.micro_batch_size * world_size
+        per_step = self.micro_batch(world_size) * world_size
         if self.total_batch_size % per_step:
             raise ConfigError("train.total_batch_size",
                               f"must be divisible by micro_batch_size x world_size = {per_step}, "
@@ -396,6 +409,8 @@ class RunConfig:
                 "method (GaLore's recipe uses another lr than SLTrain's) unless the command line sets the key"})
 
     def __post_init__(self):
+        if self.optim.grad_clip is None:  # unset: clip at 1 (the harness), except layer-wise, which cannot clip
+            self.optim.grad_clip = 0.0 if self.train.layerwise else 1.0
         # A rank larger than a layer dimension is rejected when the model is built (core), so that a sweep
         # records such a trial as failed instead of refusing the whole grid.
         _check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",

@@ -54,6 +54,7 @@ def evaluate_run(run: Path | str, overrides: Sequence[str] = ()) -> dict:
     """`sltrain eval-ppl`: load a run's checkpoint and tokenizer, evaluate on the configured corpus
     (the run's own unless overrides say otherwise) and write RUN_DIR/eval/<data>.json."""
     from . import data as data_lib
+    from .checkpoint import checkpoint_name, latest_checkpoint
     from .compose import load_config
     from .distributed import resolve_device
     from .files import read_overrides, write_json
@@ -74,7 +75,7 @@ def evaluate_run(run: Path | str, overrides: Sequence[str] = ()) -> dict:
     else:
         _, val_set = data_lib.build_datasets(corpus, tokenizer, rows_per_step=eval_cfg.train.total_batch_size,
                                              cache_root=data_lib.cache_root(eval_cfg.tokenizer))
-    batches = val_set.batches(eval_cfg.train.eval_tokens, eval_cfg.train.micro_batch_size)
+    batches = val_set.batches(eval_cfg.train.eval_tokens, eval_cfg.train.micro_batch())
     result = evaluate_ppl(model, batches, device, autocast_for(stored.train.precision, device))
     data_name = eval_cfg.data.name.value
     if eval_cfg.data.path:
@@ -82,6 +83,8 @@ def evaluate_run(run: Path | str, overrides: Sequence[str] = ()) -> dict:
     out = {"data": data_name, "data_path": eval_cfg.data.path, "split": "all" if whole else "validation",
            "val_loss": result["loss"], "val_ppl": result["ppl"],
            "tokens": result["tokens"], "checkpoint": str(ckpt)}
-    path = run_dir / "eval" / f"{data_name}.json"
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    older = latest is None or ckpt.resolve() != latest.resolve()  # an earlier checkpoint: its own file
+    path = run_dir / "eval" / (f"{data_name}-{checkpoint_name(run.step)}.json" if older else f"{data_name}.json")
     write_json(path, out)
     return {**out, "path": str(path)}

@@ -183,6 +183,9 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
     back with ``skipped`` true).
     """
     rt = distributed.init(cfg.train.device)
+    # an unset micro-batch is the global batch split over the processes: the resolved config records it
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=cfg.train.micro_batch(
+        rt.world_size)))
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     tcfg, mcfg = cfg.train, cfg.method
@@ -190,6 +193,7 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
     fsdp = tcfg.parallel == Parallel.fsdp and rt.world_size > 1
     if tcfg.layerwise:  # refuse what layer-wise updates cannot honour before any work is done
         check_layerwise(cfg.optim, rt.world_size)
+        rt.print("train.layerwise: gradient clipping is off (a global norm needs every gradient at once)")
     if fsdp and mcfg.name == MethodName.galore:
         raise UserError("train.parallel: fsdp does not support method=galore (its SVD needs whole gradients); "
                         "use train.parallel=ddp")

@@ -88,6 +88,9 @@ def test_pruning_study(runs, tmp_path):
         assert (folder / png).stat().st_size > 0
     with pytest.raises(ConfigError, match="^from"):
         run_study(["study=pruning", f"from={runs[1]}", f"out_dir={tmp_path}"], console=console)
+    # a rank not below the smallest side of the weights (tiny: d = 64) makes L0 = W0: refused, not tabulated
+    with pytest.raises(ConfigError, match="^method.rank: study=pruning needs a rank below the smallest side 64"):
+        run_study(["study=pruning", f"from={full}", "rank=64", f"out_dir={tmp_path}"], console=console)
 
 
 @pytest.mark.slow  # five trial processes (warm-up + four supports): about a minute on 2 busy cores

@@ -310,3 +310,26 @@ def test_one_document_is_not_enough(tmp_path):
     (tmp_path / "only.txt").write_text("a single document")
     with pytest.raises(UserError, match=r"^data\.path: need at least 2"):
         D.load_documents(DataConfig(name="local", path=str(tmp_path / "only.txt")))
+
+
+def test_a_single_txt_file_is_split_by_chunks(tmp_path):
+    from sltrain_cli.data.corpora import SINGLE_DOC_CHUNKS, chunk_document
+
+    text = "".join(f"Line {i} of the only speech in this corpus.\n" for i in range(400))
+    (tmp_path / "one.txt").write_text(text)
+    corpus = D.open_corpus(DataConfig(name="local", path=str(tmp_path / "one.txt"), val_fraction=0.1))
+    train, val = corpus.documents()
+    assert len(train) + len(val) == len(chunk_document(text)) and len(val) == round(SINGLE_DOC_CHUNKS * 0.1)
+    assert "".join(chunk_document(text)) == text and all(c.endswith("\n") for c in chunk_document(text))
+
+
+def test_an_unquoted_comma_list_of_files_is_one_path(tmp_path):
+    from sltrain_cli.compose import expand_grid, load_config
+
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("some words here\n" * 50)
+    spec = f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}"
+    cfg = load_config(["data=local", f"data.path={spec}"])
+    assert cfg.data.path == spec and len(corpora.resolve_files(cfg.data.path)) == 2
+    assert expand_grid([f"data.path={spec}", "rank=1,2"]) == [[f"data.path={spec}", "rank=1"],
+                                                               [f"data.path={spec}", "rank=2"]]

@@ -72,6 +72,16 @@ def test_ddp_resume_continues_identically(tmp_path, cache_dir):
     _close(_losses(full), _losses(part), tol=0.0)
 
 
+def test_torchrun_with_the_default_micro_batch(tmp_path, cache_dir):
+    """An unset micro-batch is the global batch split over the processes (the default train config's case);
+    only an explicit impossible combination is an error."""
+    _run(tmp_path, 2, "rank=8", "train.micro_batch_size=null", "run_name=derived")
+    config = (tmp_path / "pretrain" / "derived" / "config.yaml").read_text().splitlines()
+    assert "  micro_batch_size: 2" in config and "  total_batch_size: 4" in config
+    proc = _run(tmp_path, 2, "train.micro_batch_size=4", "run_name=bad4", check=False)
+    assert proc.returncode != 0 and "train.total_batch_size" in proc.stderr
+
+
 def test_bad_global_batch_is_a_clear_error(tmp_path, cache_dir):
     proc = _run(tmp_path, 2, "train.total_batch_size=6", "train.micro_batch_size=2", "run_name=bad", check=False)
     assert proc.returncode != 0

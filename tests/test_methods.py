@@ -56,6 +56,14 @@ def test_method_trains_and_resumes(tmp_path, cache_dir, variant):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def test_layerwise_alone_runs_without_clipping(tmp_path, cache_dir):
+    result = CliRunner().invoke(app, ["pretrain", "--quiet", *tiny_overrides(tmp_path, "train.layerwise=true",
+                                                                             "run_name=lw")])
+    assert result.exit_code == 0, result.output
+    assert "gradient clipping is off" in result.output
+    assert "  grad_clip: 0.0" in (tmp_path / "pretrain" / "lw" / "config.yaml").read_text().splitlines()
+
+
 def test_layerwise_with_clipping_is_refused(tmp_path, cache_dir):
     result = CliRunner().invoke(app, ["pretrain", *tiny_overrides(tmp_path, "train.layerwise=true",
                                                                   "optim.grad_clip=1.0")])

@@ -70,6 +70,18 @@ def test_eval_ppl_reproduces_final_val_ppl(tiny_run):
     assert {"val_loss", "val_ppl", "tokens", "data"} <= set(out)
 
 
+def test_eval_ppl_of_an_older_checkpoint_gets_its_own_file(tiny_run):
+    run_dir, _, _ = tiny_run
+    final = run_dir / "eval" / "sotu.json"
+    runner.invoke(app, ["eval-ppl", str(run_dir)])
+    before = final.read_bytes()
+    result = runner.invoke(app, ["eval-ppl", str(run_dir / "checkpoints" / "step_000004.pt")])
+    assert result.exit_code == 0, result.output
+    older = json.loads((run_dir / "eval" / "sotu-step_000004.json").read_text())
+    assert older["checkpoint"].endswith("step_000004.pt") and older["val_ppl"] != json.loads(before)["val_ppl"]
+    assert final.read_bytes() == before  # the run's final evaluation is never overwritten
+
+
 def test_eval_ppl_missing_run_is_user_error(tmp_path):
     result = runner.invoke(app, ["eval-ppl", str(tmp_path / "nope")])
     assert result.exit_code == 2 and "RUN" in result.output

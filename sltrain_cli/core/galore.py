@@ -1,26 +1,33 @@
-"""GaLore: AdamW whose moments live in a rank-r projection of each weight gradient.
+"""GaLore: AdamW whose moments live in a rank-r projection of each weight gradient (32-bit and 8-bit moments).
 
-For a target matrix W (out, in) with gradient G, GaLore keeps a projector P built from the top-r singular
-vectors of G, projected on the smaller side so the moments are as small as possible:
+Semantics of the reference, galore-torch 1.0 (``GaLoreAdamW`` / ``GaLoreAdamW8bit``, ``proj_type="std"``,
+galore_projector.py): for a target matrix W (out, in) with gradient G the projector P comes from the top-r
+singular vectors of G, on the right when out >= in (square matrices included) and on the left otherwise:
 
-    out <= in:  P = U[:, :r]  (out, r)    R = P^T G  (r, in)    back(N) = P N
-    out >  in:  P = V[:, :r]  (in, r)     R = G P    (out, r)   back(N) = N P^T
+    out >= in:  P = Vh[:r]    (r, in)     R = G P^T   (out, r)    back(N) = N P
+    out <  in:  P = U[:, :r]  (out, r)    R = P^T G   (r, in)     back(N) = P N
 
-Adam runs on R (moments of shape R), and the weight moves by the back-projected, scaled Adam direction:
+P is recomputed from the current gradient (an fp32 SVD for half-precision gradients) at every step index
+t with t % update_proj_gap == 0 (t = 0, the first update, included); the moments are carried across a
+refresh unchanged, as in the reference. Adam runs on R:
 
     m = b1 m + (1 - b1) R;   v = b2 v + (1 - b2) R*R;   t += 1
-    N = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
-    W = W * (1 - lr * wd) - lr * scale * back(N)               (decoupled weight decay, as torch AdamW)
+    W = W - lr * sqrt(1 - b2^t) / (1 - b1^t) * scale * back(m / (sqrt(v) + eps))
+    W = W - lr * wd * W                                   (decay after the update, as the reference)
 
-P is recomputed from the current gradient (SVD in fp32 for half-precision gradients) every ``update_proj_gap``
-steps, at step 0 too; the
-moments are carried across a refresh as in the GaLore reference. Optimizer memory per target matrix is
-2 r max(out, in) moment numbers + r min(out, in) projector numbers instead of 2 out in.
+``GaLoreAdamW`` applies that formula (scale 1, no projection) to its other parameters too, as the reference
+optimizer does for its plain group: eps outside the bias correction and weight decay after the update,
+unlike torch AdamW. ``GaLoreAdamW8bit`` holds the moments (of R, or of the gradient for the other
+parameters) in bitsandbytes' blockwise 8-bit layout and steps them with bitsandbytes' own fused Adam update
+(``optimizer_update_8bit_blockwise``; CPU and CUDA): exactly what the reference does. The projected update
+is computed into a zero scratch of R's shape (bnb's step with weight decay 0), back-projected, scaled and
+added to W, then W is decayed; the other parameters get bitsandbytes AdamW8bit's update as it is (decay first).
+Tensors with fewer than ``min_8bit_size`` entries keep fp32 moments, like bitsandbytes.
 
-Parameter groups flagged ``galore=True`` (with ``rank``, ``update_proj_gap``, ``scale``) hold the target
-2-D matrices; every other group (and any non-2-D tensor in a galore group) gets plain AdamW with the same
-formula. The state is tensors and ints only, so ``torch.load(weights_only=True)`` restores it and a resumed
-run continues bitwise.
+Optimizer memory per target matrix: 2 r max(out, in) moment numbers + r min(out, in) projector numbers
+instead of 2 out in. Parameter groups flagged ``galore=True`` (with ``rank``, ``update_proj_gap``,
+``scale``) hold the target 2-D matrices; any non-2-D tensor in such a group is not projected. The state is
+tensors and ints only, so ``torch.load(weights_only=True)`` restores it and a resumed run continues bitwise.
 """
 from __future__ import annotations
 
@@ -44,14 +51,30 @@ class GaLoreAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @staticmethod
+    def right_side(shape) -> bool:
+        """The reference's side rule: project on the right (P = Vh[:r]) when out >= in, else on the left."""
+        return shape[0] >= shape[1]
+
+    @staticmethod
     def _projector(grad: torch.Tensor, rank: int) -> torch.Tensor:
-        """Top-`rank` singular vectors of `grad` on its smaller side: (out, r) if out <= in else (in, r)."""
-        out_f, in_f = grad.shape
-        r = min(rank, out_f, in_f)
+        """Top-`rank` singular vectors of `grad`: Vh[:r] (r, in) if out >= in, else U[:, :r] (out, r)."""
         work = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()  # no bf16 SVD
         U, _, Vh = torch.linalg.svd(work, full_matrices=False)
-        P = U[:, :r] if out_f <= in_f else Vh[:r].T
+        P = Vh[:rank] if GaLoreAdamW.right_side(grad.shape) else U[:, :rank]
         return P.to(grad.dtype).contiguous()
+
+    def _project(self, p: torch.Tensor, state: dict, group: dict) -> Optional[torch.Tensor]:
+        """R = the projected gradient (refreshing P on schedule), or None for a parameter that is not projected."""
+        if not (group["galore"] and p.dim() == 2):
+            return None
+        if "proj" not in state or state["step"] % group["update_proj_gap"] == 0:
+            state["proj"] = self._projector(p.grad, group["rank"])
+        P = state["proj"]
+        return p.grad @ P.T if self.right_side(p.shape) else P.T @ p.grad
+
+    def _back(self, p: torch.Tensor, state: dict, N: torch.Tensor) -> torch.Tensor:
+        P = state["proj"]
+        return N @ P if self.right_side(p.shape) else P @ N
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
@@ -64,38 +87,131 @@ class GaLoreAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
-                if grad.is_sparse:
+                if p.grad.is_sparse:
                     raise RuntimeError("GaLoreAdamW does not support sparse gradients")
                 state = self.state[p]
-                projected = group["galore"] and p.dim() == 2
                 if not state:
                     state["step"] = 0
-                if projected and state["step"] % group["update_proj_gap"] == 0:
-                    state["proj"] = self._projector(grad, group["rank"])
-                if projected:
-                    P = state["proj"]
-                    left = p.shape[0] <= p.shape[1]
-                    grad = P.T @ grad if left else grad @ P
+                R = self._project(p, state, group)
+                grad = p.grad if R is None else R
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 state["step"] += 1
                 t = state["step"]
-
-                exp_avg.lerp_(grad, 1.0 - beta1)
+                # the reference's arithmetic, op for op (galore_torch/adamw.py)
+                exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                bias_c1 = 1.0 - beta1 ** t
-                bias_c2_sqrt = math.sqrt(1.0 - beta2 ** t)
-                denom = (exp_avg_sq.sqrt() / bias_c2_sqrt).add_(eps)
-                direction = (exp_avg / bias_c1).div_(denom)
-
-                if wd != 0.0:
-                    p.mul_(1.0 - lr * wd)
-                if projected:
-                    direction = P @ direction if left else direction @ P.T
-                    p.add_(direction, alpha=-lr * group["scale"])
-                else:
-                    p.add_(direction, alpha=-lr)
+                denom = exp_avg_sq.sqrt().add_(eps)
+                step_size = lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+                direction = exp_avg / denom
+                del denom
+                if R is not None:
+                    direction = self._back(p, state, direction).mul_(group["scale"])
+                p.add_(direction, alpha=-step_size)
+                if wd > 0.0:
+                    p.add_(p, alpha=-lr * wd)
         return loss
+
+
+class GaLoreAdamW8bit(GaLoreAdamW):
+    """GaLore with 8-bit blockwise moments (galore-torch ``GaLoreAdamW8bit`` semantics, bitsandbytes layout).
+
+    State per parameter, the keys of bitsandbytes AdamW8bit (so ReLoRA-style resets and byte counts treat both
+    alike): ``step`` (int), ``state1``/``state2`` (uint8 codes of m and v, shaped like R or the gradient) with
+    ``absmax1``/``absmax2`` (one fp32 scale per ``blocksize`` entries) and ``qmap1``/``qmap2`` (bitsandbytes'
+    signed / unsigned dynamic maps, one pair shared by every parameter of this optimizer); fp32 ``state1``/
+    ``state2`` for tensors with fewer than ``min_8bit_size`` entries; ``proj`` for a projected matrix.
+    ``blocksize`` must be bitsandbytes' kernel block (core.optim passes ``BNB_BLOCKSIZE``).
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25, *,
+                 blocksize: int, min_8bit_size: int):
+        import bitsandbytes.functional as bnb_f  # the caller (core.optim) reports a missing bitsandbytes
+
+        self._bnb_f, self.blocksize, self.min_8bit_size = bnb_f, int(blocksize), int(min_8bit_size)
+        self._qmaps: dict = {}
+        super().__init__(params, lr, betas, eps, weight_decay, rank, update_proj_gap, scale)
+
+    def _qmap_pair(self, device: torch.device):
+        key = str(device)
+        if key not in self._qmaps:
+            self._qmaps[key] = (self._bnb_f.create_dynamic_map(signed=True).to(device),
+                                self._bnb_f.create_dynamic_map(signed=False).to(device))
+        return self._qmaps[key]
+
+    def _init_moments(self, state: dict, like: torch.Tensor) -> None:
+        if like.numel() < self.min_8bit_size:
+            state["state1"] = torch.zeros_like(like, dtype=torch.float32)
+            state["state2"] = torch.zeros_like(like, dtype=torch.float32)
+            return
+        blocks = -(-like.numel() // self.blocksize)
+        state["state1"] = torch.zeros_like(like, dtype=torch.uint8)
+        state["state2"] = torch.zeros_like(like, dtype=torch.uint8)
+        state["qmap1"], state["qmap2"] = self._qmap_pair(like.device)
+        state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=like.device)
+        state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=like.device)
+
+    def _bnb_adam(self, group: dict, state: dict, g: torch.Tensor, p: torch.Tensor, weight_decay: float) -> None:
+        """bitsandbytes' Adam step of ``p`` with gradient ``g`` (what AdamW8bit.update_step does)."""
+        (beta1, beta2), t = group["betas"], state["step"]
+        if state["state1"].dtype == torch.float32:
+            self._bnb_f.optimizer_update_32bit("adam", g, p, state["state1"], beta1, group["eps"], t, group["lr"],
+                                               state["state2"], beta2, 0.0, 0.0, weight_decay, 1.0, None,
+                                               max_unorm=0.0, skip_zeros=False)
+        else:
+            self._bnb_f.optimizer_update_8bit_blockwise(
+                "adam", g, p, state["state1"], state["state2"], beta1, beta2, 0.0, 0.0, group["eps"], t,
+                group["lr"], state["qmap1"], state["qmap2"], state["absmax1"], state["absmax2"], weight_decay,
+                gnorm_scale=1.0, skip_zeros=False)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("GaLoreAdamW8bit does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                R = self._project(p, state, group)
+                if "state1" not in state:
+                    self._init_moments(state, p.grad if R is None else R)
+                state["step"] += 1
+                if R is None:  # bitsandbytes AdamW8bit's update, weight decay included
+                    if not p.is_contiguous():
+                        p.data = p.data.contiguous()
+                    self._bnb_adam(group, state, p.grad.contiguous(), p, wd)
+                    continue
+                update = torch.zeros_like(R)  # becomes -lr * Adam direction of R (bnb's step, no decay)
+                self._bnb_adam(group, state, R.contiguous(), update, 0.0)
+                p.add_(self._back(p, state, update).mul_(group["scale"]))
+                del update
+                if wd > 0.0:
+                    p.add_(p, alpha=-lr * wd)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loader would cast every float state tensor to the parameter's dtype (fp32 moments and
+        absmax of a bf16 parameter included); keep the saved dtypes, move to the parameter's device and
+        share one qmap pair per device again."""
+        saved = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})  # checks and restores the param groups
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            if pid not in saved:
+                continue
+            st = {k: v.to(p.device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in saved[pid].items()}
+            if "qmap1" in st:
+                st["qmap1"], st["qmap2"] = self._qmap_pair(p.device)
+            self.state[p] = st

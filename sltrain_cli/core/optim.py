@@ -29,13 +29,13 @@ import torch
 import torch.nn as nn
 
 from sltrain_cli.configs import MethodConfig, MethodName, OptimConfig, OptimName, Schedule, UserError
-from sltrain_cli.core.galore import GaLoreAdamW
+from sltrain_cli.core.galore import GaLoreAdamW, GaLoreAdamW8bit
 
 BNB_MISSING = "optim.name=adamw8bit needs bitsandbytes: pip install 'sltrain[bnb]'"
 # bitsandbytes 0.50 AdamW8bit state layout (optim/optimizer.py, Optimizer2State.init_state): a tensor with
 # fewer than min_8bit_size = 4096 entries keeps two fp32 moments; a larger one keeps two uint8 moments,
 # blockwise quantized with one fp32 absmax per 256 entries (blocksize 256). Used by memory.py's estimate
-# and by core/relora.py's 8-bit moment pruning.
+# by core/relora.py's 8-bit moment pruning and by GaLoreAdamW8bit (the same layout for its projected moments).
 BNB_BLOCKSIZE = 256
 BNB_MIN_8BIT_SIZE = 4096
 
@@ -133,9 +133,7 @@ def galore_target_params(model: nn.Module, target_modules) -> List[nn.Parameter]
     return targets
 
 
-def _check_galore(optim_cfg: OptimConfig, targets: List[nn.Parameter], method_cfg: MethodConfig) -> None:
-    if OptimName(optim_cfg.name) == OptimName.adamw8bit:
-        raise UserError("method=galore with optim.name=adamw8bit is not supported; use optim=adamw")
+def _check_galore(targets: List[nn.Parameter], method_cfg: MethodConfig) -> None:
     if not targets:
         raise UserError("method=galore found no trainable nn.Linear named in method.target_modules="
                         f"{list(method_cfg.target_modules)}")
@@ -146,11 +144,20 @@ def _galore_group(params, method_cfg: MethodConfig) -> dict:
             "update_proj_gap": method_cfg.update_proj_gap, "scale": method_cfg.scale}
 
 
+def _galore_optimizer(groups, optim_cfg: OptimConfig) -> torch.optim.Optimizer:
+    """GaLoreAdamW, or GaLoreAdamW8bit (bitsandbytes' 8-bit blockwise moments) for optim.name=adamw8bit."""
+    if OptimName(optim_cfg.name) == OptimName.adamw8bit:
+        _import_bnb()
+        return GaLoreAdamW8bit(groups, **_adam_kwargs(optim_cfg), blocksize=BNB_BLOCKSIZE,
+                               min_8bit_size=BNB_MIN_8BIT_SIZE)
+    return GaLoreAdamW(groups, **_adam_kwargs(optim_cfg))
+
+
 def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, method_cfg: MethodConfig) -> torch.optim.Optimizer:
     """One optimizer over the trainable parameters of ``model``.
 
-    method=galore: GaLoreAdamW with a galore group for the target Linear weights, AdamW for the rest
-    (8-bit GaLore is refused). Otherwise optim.name=adamw8bit: bitsandbytes AdamW8bit; adamw: torch AdamW.
+    method=galore: GaLoreAdamW (GaLoreAdamW8bit with optim.name=adamw8bit) with a galore group for the
+    target Linear weights and a plain group for the rest. Otherwise optim.name=adamw8bit: bitsandbytes AdamW8bit; adamw: torch AdamW.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -158,11 +165,11 @@ def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, method_cfg: Method
     kw = _adam_kwargs(optim_cfg)
     if MethodName(method_cfg.name) == MethodName.galore:
         targets = galore_target_params(model, method_cfg.target_modules)
-        _check_galore(optim_cfg, targets, method_cfg)
+        _check_galore(targets, method_cfg)
         ids = {id(p) for p in targets}
         others = [p for p in params if id(p) not in ids]
         groups = ([{"params": others}] if others else []) + [_galore_group(targets, method_cfg)]
-        return GaLoreAdamW(groups, **kw)
+        return _galore_optimizer(groups, optim_cfg)
     if OptimName(optim_cfg.name) == OptimName.adamw8bit:
         return _import_bnb().optim.AdamW8bit(params, **kw)
     return torch.optim.AdamW(params, **kw)
@@ -201,7 +208,7 @@ class LayerwiseOptimizer:
         galore_ids = set()
         if MethodName(method_cfg.name) == MethodName.galore:
             targets = galore_target_params(model, method_cfg.target_modules)
-            _check_galore(optim_cfg, targets, method_cfg)
+            _check_galore(targets, method_cfg)
             galore_ids = {id(p) for p in targets}
         eight_bit = OptimName(optim_cfg.name) == OptimName.adamw8bit
         bnb = _import_bnb() if eight_bit else None
@@ -209,9 +216,9 @@ class LayerwiseOptimizer:
         self._by_param: Dict[int, torch.optim.Optimizer] = {}
         for p in self.params:
             if id(p) in galore_ids:
-                opt = GaLoreAdamW([_galore_group([p], method_cfg)], **kw)
-            elif galore_ids:
-                opt = GaLoreAdamW([p], **kw)  # same AdamW formula as the non-galore groups of build_optimizer
+                opt = _galore_optimizer([_galore_group([p], method_cfg)], optim_cfg)
+            elif galore_ids:  # the same update as the plain group of build_optimizer's GaLore optimizer
+                opt = _galore_optimizer([p], optim_cfg)
             elif eight_bit:
                 opt = bnb.optim.AdamW8bit([p], **kw)
             else:

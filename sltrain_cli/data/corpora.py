@@ -46,6 +46,8 @@ class Corpus:
     def documents(self) -> Tuple[List[str], List[str]]:
         """In-memory corpora: (train documents, validation documents)."""
         docs = self.all_documents()
+        if self.cfg.name == DataName.local and len(docs) == 1:  # one .txt file: split it into chunks instead
+            docs = chunk_document(docs[0])
         # max_docs >= 2, so fewer than 2 documents is what the files hold, not the cap
         if self.cfg.name == DataName.local and len(docs) < 2:
             raise ConfigError("data.path", f"need at least 2 non-empty documents for a train/validation split, "
@@ -232,6 +234,27 @@ def _parquet_problem(path: Path, field: str) -> Optional[str]:
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         return f"column {field!r} of {path} holds {kind} values, not text (data.text_field)"
     return None
+
+
+SINGLE_DOC_CHUNKS = 20  # a corpus of one document is cut into this many pieces for its train/validation split
+
+
+def chunk_document(text: str, chunks: int = SINGLE_DOC_CHUNKS) -> List[str]:
+    """One document -> about ``chunks`` consecutive pieces of similar length, cut at line ends (at spaces when a
+    piece holds no line end), each non-empty: the units a single-file corpus is split by."""
+    target = max(1, len(text) // chunks)
+    out, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + target)
+        if end < len(text):
+            cut = text.rfind("\n", start + 1, end + 1)
+            cut = cut if cut > start else text.rfind(" ", start + 1, end + 1)
+            end = cut + 1 if cut > start else end
+        piece = text[start:end]
+        if piece.strip():
+            out.append(piece)
+        start = end
+    return out
 
 
 def split_documents(docs: List[str], val_fraction: float, seed: int,

@@ -1,0 +1,84 @@
+"""`sltrain list`: the shipped config options of each group, one row each, with their one-line description (the
+first sentence of the YAML's first comment line) and the values that tell them apart.
+
+    group_rows("models") -> [{"option": "llama_130m", "description": "LLaMA 130m (...)", "hidden": 768, ...}, ...]
+
+Rows come from the option's own YAML over its dataclass defaults, without composing or checking (data=local is
+listed although it needs data.path); experiment presets are composed, since they set several groups at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+from enum import Enum
+from typing import Dict, List
+
+from .compose import METHOD_KEYS, conf_dir, group_options, load_config, option_values
+from .configs import DataConfig, MethodConfig, ModelConfig, OptimConfig, TrainConfig, UserError
+
+# what users type -> conf/ folder; singular names work too
+GROUP_NAMES = {"models": "model", "methods": "method", "data": "data", "optim": "optim", "train": "train",
+               "experiments": "experiment"}
+SLICES = {"model": ModelConfig, "method": MethodConfig, "data": DataConfig, "optim": OptimConfig,
+          "train": TrainConfig}
+METHOD_EXTRAS = {"relora": ("merge_every", "restart_warmup", "reset"), "galore": ("update_proj_gap", "scale")}
+
+
+def resolve_group(name: str) -> str:
+    """'models' or 'model' -> 'model'; anything else is a one-line UserError listing the groups."""
+    key = name.strip().lower()
+    if key in GROUP_NAMES:
+        return GROUP_NAMES[key]
+    if key in GROUP_NAMES.values():
+        return key
+    raise UserError(f"group: unknown config group {name!r}; choose from {', '.join(GROUP_NAMES)}")
+
+
+def description(group: str, option: str) -> str:
+    """The first sentence of the first comment line of conf/<group>/<option>.yaml ('' if it has none)."""
+    for line in (conf_dir() / group / f"{option}.yaml").read_text().splitlines():
+        text = line.strip().lstrip("#").strip()
+        if line.lstrip().startswith("#") and text and not text.startswith("@package"):
+            return text.split(". ", 1)[0].rstrip(".")
+    return ""
+
+
+def _values(group: str, option: str) -> Dict[str, object]:
+    """The option's YAML values over its dataclass defaults (enums as their values), nothing validated."""
+    out = {}
+    for f in dataclasses.fields(SLICES[group]):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    out.update(option_values(group, option))
+    return {k: v.value if isinstance(v, Enum) else v for k, v in out.items()}
+
+
+def _row(group: str, option: str) -> dict:
+    row = {"option": option, "description": description(group, option)}
+    if group == "experiment":
+        cfg = load_config([f"experiment={option}"])
+        return {**row, "model": cfg.model.name, "data": cfg.data.name.value, "method": cfg.method.name.value,
+                "rank": cfg.method.rank, "delta": cfg.method.delta, "steps": cfg.train.steps,
+                "batch": cfg.train.total_batch_size, "lr": cfg.optim.lr, "precision": cfg.train.precision.value}
+    v = _values(group, option)
+    if group == "model":
+        return {**row, "hidden": v["hidden_size"], "intermediate": v["intermediate_size"],
+                "layers": v["num_layers"], "heads": v["num_heads"]}
+    if group == "method":
+        used = METHOD_KEYS[v["name"]]
+        extras = ", ".join(f"{k}={v[k]}" for k in METHOD_EXTRAS.get(v["name"], ()))
+        return {**row, **{k: v[k] if k in used else None for k in ("rank", "delta", "alpha")}, "also": extras}
+    if group == "data":
+        return {**row, "seq_len": v["seq_len"], "streaming": v["streaming"], "path": v["path"]}
+    if group == "optim":
+        return {**row, "lr": v["lr"], "weight_decay": v["weight_decay"], "schedule": v["schedule"],
+                "warmup_ratio": v["warmup_ratio"]}
+    return {**row, "steps": v["steps"], "batch": v["total_batch_size"], "micro_batch": v["micro_batch_size"],
+            "precision": v["precision"]}
+
+
+def group_rows(name: str) -> List[dict]:
+    """One row per option of a config group (see the module docstring)."""
+    group = resolve_group(name)
+    return [_row(group, option) for option in group_options(group)]
