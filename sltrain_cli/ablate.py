@@ -154,10 +154,21 @@ def _need_sparse(cfg, study: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------- seeds
+CURVE_POINTS = 50  # logged points per trial when the user did not set train.log_every
+
+
+def _with_log_cadence(overrides: List[str]) -> List[str]:
+    """Trial overrides that log often enough for the study's loss curves to be curves."""
+    if find_override(overrides, "train.log_every") is not None:
+        return overrides
+    steps = load_config(overrides).train.steps
+    return [*overrides, f"train.log_every={max(1, steps // CURVE_POINTS)}"]
+
+
 def study_seeds(own, rest, folder: Path, console: Console) -> List[dict]:
     n = _int_arg(own, "n", 5, 1)
     _need_sparse(load_config(rest), "seeds")
-    base = drop_keys(rest, ["out_dir", "method.support_seed"])
+    base = _with_log_cadence(drop_keys(rest, ["out_dir", "method.support_seed"]))
     trials = [Trial(f"support_seed={i}", [*base, f"method.support_seed={i}"], {"support_seed": i}) for i in range(n)]
     validate_trials(trials, folder)
     results = run_trials(trials, folder, console, label="seed")
@@ -197,7 +208,7 @@ def study_strategy(own, rest, folder: Path, console: Console) -> List[dict]:
     cfg = load_config(rest)
     _need_sparse(cfg, "strategy")
     warmup = _int_arg(own, "warmup", max(1, cfg.train.steps // 4), 1)
-    base = drop_keys(rest, ["out_dir", "method.support", "method.warm_start"])
+    base = _with_log_cadence(drop_keys(rest, ["out_dir", "method.support", "method.warm_start"]))
     warm = Trial("warmup=full", [*drop_keys(base, ["method", "train.steps"]), "method=full",
                                  f"train.steps={warmup}"], {})
     init_path = folder / "model_init.pt"

@@ -197,10 +197,17 @@ def load_model_weights(path: Path, model) -> dict:
     extra entries (config, step, ...)."""
     path = Path(path)
     if path.is_dir():
+        import warnings
+
+        import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
 
         state = {"model": model.state_dict()}
-        dcp.load(state, checkpoint_id=str(path))
+        single = not (dist.is_available() and dist.is_initialized())
+        with warnings.catch_warnings():  # DCP warns that it "assumes" one process even when told so (no_dist)
+            warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized",
+                                    UserWarning)
+            dcp.load(state, checkpoint_id=str(path), no_dist=single)
         model.load_state_dict(state["model"])
         return load_checkpoint(path / "extra.pt")
     state = load_checkpoint(path)

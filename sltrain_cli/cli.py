@@ -13,16 +13,64 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from .configs import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Memory-efficient LLaMA pretraining: SLTrain (sparse + low-rank) and its baselines.\n\n"
-                       "Overrides use Hydra syntax, e.g. `sltrain pretrain model=llama_60m method=sltrain rank=64`.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
-OVERRIDES_HELP = ("Hydra overrides: group=option (model=llama_60m, method=galore, data=local, optim=adamw8bit, "
-                  "experiment=paper_60m) or key=value (train.steps=100, data.path=docs/*.txt). "
-                  "Aliases: rank, delta, alpha, lr, steps, seed.")
+OVERRIDES_HELP = ("Hydra overrides: group=option (model=llama_60m) or key=value (train.steps=100, "
+                  "data.path=docs/*.txt). Aliases: rank, delta, alpha, lr, steps, seed.")
+
+
+def _groups_text(groups: Optional[List[str]] = None) -> str:
+    """'Config groups ...' and one wrapped line per group with its option names, for a command's --help."""
+    from textwrap import wrap
+
+    from .compose import GROUPS, group_options
+
+    lines = ["Config groups (group=option; sltrain list GROUP describes each option):"]
+    for group in groups or GROUPS:
+        try:
+            names = ", ".join(group_options(group))
+        except UserError as err:  # no conf/ found: say so instead of failing the help
+            return str(err)
+        lines += wrap(names, 74, initial_indent=f"  {group:<11} ", subsequent_indent=" " * 14)
+    return "\n".join(lines)
+
+
+class GroupsHelp(TyperCommand):
+    """A command whose help holds ``{groups}`` (every config group) or ``{groups:data}`` (one group): the option
+    names are read from conf/ when the help is shown, not at import."""
+
+    def format_help(self, ctx, formatter):
+        import re
+
+        if self.help:
+            self.help = re.sub(r"\{groups(?::(\w+))?\}",
+                               lambda m: _groups_text([m.group(1)] if m.group(1) else None), self.help)
+        return super().format_help(ctx, formatter)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"sltrain {version('sltrain')}")
+        except PackageNotFoundError:
+            typer.echo("sltrain (not installed: no package metadata)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """Memory-efficient LLaMA pretraining: SLTrain (sparse + low-rank) and its baselines.
+
+    Overrides use Hydra syntax: sltrain pretrain model=llama_60m method=sltrain rank=64
+    The config groups and their options: sltrain list
+    """
 
 
 def _user_errors(fn):
@@ -57,21 +105,25 @@ def run_dir_for(command: str, cfg, overrides) -> Path:
     return Path(cfg.out_dir) / command / name
 
 
-@app.command(context_settings={"allow_extra_args": False})
+@app.command(cls=GroupsHelp, context_settings={"allow_extra_args": False})
 @_user_errors
 def pretrain(overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
              print_config: bool = typer.Option(False, "--print-config",
-                                               help="Print the resolved config and exit: every key with its value "
-                                                    "and, as a # comment above it, its meaning, units and allowed "
-                                                    "values (the same text as the run's config.yaml)."),
+                                               help="Print the resolved config and exit: every key, its value "
+                                                    "and its help as a # comment (as in the run's config.yaml)."),
              quiet: bool = typer.Option(False, "--quiet", help="No progress bar.")):
-    """Pretrain a model; writes outputs/pretrain/<run>/ (config, metrics, summary, checkpoints).
+    """Pretrain a model; writes outputs/pretrain/<run>/.
 
-    Default: a llama_20m-sized SLTrain model on the State of the Union corpus (about 3 min on 2 CPU cores).
-    Resume an interrupted run with the same overrides plus train.resume=true.
+    The run folder holds config.yaml, metrics.jsonl, summary.json, checkpoints/.
+    Default: a llama_20m-sized SLTrain model on the State of the Union corpus
+    (about 3 min on 2 CPU cores).
+    Resume an interrupted run: the same overrides plus train.resume=true.
     Several processes: torchrun --nproc_per_node=N -m sltrain_cli pretrain ...
 
-    Every key, its default and its help: sltrain pretrain --print-config (add overrides to see their effect).
+    {groups}
+
+    Every key, its default and its help: sltrain pretrain --print-config
+    (add overrides to see their effect; keys the method ignores are marked).
     """
     from .compose import load_config, to_yaml
     from .results import print_record, summary_row, upsert_row
@@ -86,10 +138,10 @@ def pretrain(overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDE
     summary = train(cfg, run_dir, overrides, progress=not quiet)
     if not _is_main():
         return
-    row = summary_row(summary)
+    row = _without_unused(summary_row(summary))
     if not summary.get("skipped"):
         upsert_row(run_dir.parent / "results.csv", row)
-    print_record(row, title=f"pretrain -> {run_dir}")
+    print_record(_summary_view(summary), title=f"pretrain -> {run_dir}")
     if summary.get("val_ppl") is not None:
         typer.echo(f"validation perplexity {summary['val_ppl']:.2f} on {summary['val_tokens']:,} tokens "
                    f"(unigram baseline of this corpus: {summary['unigram_ppl']:.2f})")
@@ -105,14 +157,44 @@ def pretrain(overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDE
         raise typer.Exit(3)
 
 
-@app.command("eval-ppl")
+PEAK_KINDS = {"cuda_max_memory_allocated": "CUDA max allocated", "cpu_peak_rss": "process peak RSS"}
+
+
+def _without_unused(row: dict) -> dict:
+    """rank / delta blanked (None) where the row's method does not use them (full: neither, sparse: no rank)."""
+    from .compose import METHOD_KEYS
+
+    used = METHOD_KEYS.get(row.get("method"), ("rank", "delta"))
+    return {k: (None if k in ("rank", "delta") and k not in used else v) for k, v in row.items()}
+
+
+def _summary_view(summary: dict) -> dict:
+    """The printed pretrain summary: rank / delta only where the method uses them, the vocabulary the
+    tokenizer gave the model, memory in GB with what each figure covers."""
+    view = {k: summary.get(k) for k in ("run", "model", "method", "rank", "delta")}
+    view = {k: v for k, v in _without_unused(view).items() if v is not None or k not in ("rank", "delta")}
+    peak = summary.get("peak_mem_bytes")
+    kind = PEAK_KINDS.get(summary.get("peak_mem_kind"), summary.get("peak_mem_kind") or "peak")
+    view.update({"vocab_size (tokenizer)": summary.get("vocab_size"),
+                 **{k: summary.get(k) for k in ("params_total", "params_trainable", "tokens", "val_ppl",
+                                                "tokens_per_s")},
+                 f"memory GB, measured ({kind})": round(peak / 1e9, 3) if peak else None,
+                 "memory GB, estimate (params + Adam states, bf16)": summary.get("est_mem_gb"),
+                 "status": summary.get("status")})
+    return view
+
+
+@app.command("eval-ppl", cls=GroupsHelp)
 @_user_errors
 def eval_ppl(run: Path = typer.Argument(..., help="A run folder (its latest checkpoint) or a checkpoint."),
              overrides: Optional[List[str]] = typer.Argument(None, help="e.g. data=local data.path=notes.txt "
                                                                          "train.eval_tokens=100000")):
-    """Evaluate a trained model's perplexity on any configured corpus, with the run's own tokenizer.
+    """Evaluate a trained model's perplexity with the run's own tokenizer.
 
-    Perplexity = exp(total loss over non-pad tokens / their count). Writes RUN_DIR/eval/<data>.json.
+    Perplexity = exp(total loss over non-pad tokens / their count).
+    Writes RUN_DIR/eval/<data>.json. Overrides pick the corpus and the budget.
+
+    {groups:data}
     """
     from .evaluate import evaluate_run
 
@@ -121,17 +203,21 @@ def eval_ppl(run: Path = typer.Argument(..., help="A run folder (its latest chec
                f"tokens {result['tokens']:,}  -> {result['path']}")
 
 
-@app.command()
+@app.command(cls=GroupsHelp)
 @_user_errors
 def sweep(overrides: Optional[List[str]] = typer.Argument(None, help="Overrides; comma lists make a grid: "
                                                                      "rank=64,128 delta=0.01,0.03"),
           dry_run: bool = typer.Option(False, "--dry-run", help="List the trials and exit."),
           name: Optional[str] = typer.Option(None, "--name", help="Sweep folder name (default: from the grid).")):
-    """Run a grid of pretrain trials (one fresh process each; finished trials are skipped) and aggregate
-    outputs/sweep/<name>/results.csv, results.md and a ppl-vs-params plot.
+    """Run a grid of pretrain trials and aggregate their results.
 
-    Ctrl-C / SIGTERM stop the running trial at a step boundary (it saves a checkpoint); the same command
-    again resumes it. Exit code: 0 all trials completed, 1 a trial failed, 130 / 143 interrupted.
+    One fresh process per trial; finished trials are skipped. Writes
+    outputs/sweep/<name>/results.csv, results.md and a ppl-vs-params plot.
+    Ctrl-C / SIGTERM stop the running trial at a step boundary (it saves a
+    checkpoint); the same command again resumes it.
+    Exit code: 0 all trials completed, 1 a trial failed, 130 / 143 interrupted.
+
+    {groups}
     """
     from .sweep import run_sweep
 
@@ -143,14 +229,29 @@ def sweep(overrides: Optional[List[str]] = typer.Argument(None, help="Overrides;
         raise typer.Exit(1)
 
 
-@app.command("ablate-support")
+@app.command("ablate-support", cls=GroupsHelp)
 @_user_errors
-def ablate_support(overrides: Optional[List[str]] = typer.Argument(None, help="study=seeds|pruning|strategy|"
-                                                                             "spectrum plus pretrain overrides; "
-                                                                             "pruning needs from=RUN_DIR, "
-                                                                             "spectrum runs=DIR1,DIR2")):
-    """The paper's support ablations: random-support seeds (Fig. 4), pruning vs training on top/random
-    supports (Table 1), support strategies, and singular-value spectra (Figs. 2, 10)."""
+def ablate_support(overrides: Optional[List[str]] = typer.Argument(None, help="study=... and its keys (below), "
+                                                                             "then pretrain overrides.")):
+    """The paper's support ablations (Table 1, Figs. 2, 4, 10).
+
+    Study keys (the other arguments are pretrain overrides):
+      study=seeds     random supports, method.support_seed = 0..n-1 (Fig. 4)
+        n=N           how many seeds (default 5)
+      study=pruning   a trained full-rank run's weights W0 = L0 (best rank r) + R,
+                      R pruned to a top or a random delta support (Table 1)
+        from=RUN_DIR  that run (method=full); rank= and delta= size L0 and R
+      study=strategy  SLTrain with support=random vs row_balanced, block, top
+        warmup=N      full-rank warm-up steps that pick the top support
+                      (default train.steps // 4, at least 1)
+      study=spectrum  singular values of trained target weights (Figs. 2, 10)
+        runs=A,B      run folders or checkpoints, comma separated
+        layer=I       one decoder layer (default: the mean over all layers)
+        rank=R        r of the top-r energy (default: the first low-rank run's)
+    Writes <out_dir>/ablate/<study>-<name>/: a table (CSV, Markdown) and plots.
+
+    {groups}
+    """
     from .ablate import run_study
 
     run_study(list(overrides or []))
@@ -163,26 +264,36 @@ class Fmt(str, Enum):
     md = "md"
 
 
-@app.command("memory-estimate")
+@app.command("memory-estimate", cls=GroupsHelp)
 @_user_errors
-def memory_estimate(size: str = typer.Option("60m", "--size", help="60m|130m|350m|1b|7b or any conf/model name."),
-                    method: str = typer.Option("all", "--method", help="all|full|lowrank|sltrain|sparse|relora|galore"),
+def memory_estimate(size: str = typer.Option("60m", "--size", help="60m, 130m, 350m, 1b, 7b or a model option "
+                                                                   "(below)."),
+                    method: str = typer.Option("all", "--method", help="all, full, lowrank, sltrain, sparse, "
+                                                                       "relora or galore."),
                     rank: Optional[int] = typer.Option(None, "--rank", help="Default: the paper's recipe for the size."),
                     delta: Optional[float] = typer.Option(None, "--delta", help="Default: the paper's recipe."),
-                    optimizer: str = typer.Option("adam", "--optimizer", help="adam|adam8bit"),
+                    optimizer: str = typer.Option("adam", "--optimizer", help="adam | adam8bit"),
                     layerwise: bool = typer.Option(False, "--layerwise", help="Per-parameter updates: no full gradients."),
                     index_dtype: str = typer.Option("int64", "--index-dtype", help="int64 (paper) | int32"),
                     batch_size: int = typer.Option(1, "--batch-size", help="Sequences, for activations."),
                     seq_len: int = typer.Option(256, "--seq-len"),
-                    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing"),
+                    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing",
+                                                                  help="Recompute each block in backward."),
                     measure: bool = typer.Option(False, "--measure", help="Also build the model here, train a few "
                                                                           "steps and report measured peak memory."),
-                    device: str = typer.Option("auto", "--device", help="For --measure: auto|cpu|cuda."),
-                    fmt: Fmt = typer.Option(Fmt.table, "--format"),
+                    device: str = typer.Option("auto", "--device", help="For --measure: auto | cpu | cuda."),
+                    fmt: Fmt = typer.Option(Fmt.table, "--format", metavar="FORMAT",
+                                            help="table | csv | json | md"),
                     out: Optional[Path] = typer.Option(None, "--out", help="Also write the table here "
                                                                            "(.csv, .md or .json).")):
-    """Parameter and memory estimate per method: the paper's convention (params + Adam state in bf16,
-    int64 indices) beside a fuller one (gradients, 8-bit moments, activations); --measure adds a measurement."""
+    """Parameters and memory per method, in GB (1 GB = 1e9 bytes).
+
+    paper GB: the paper's convention, bf16 parameters + Adam moments (int64
+    indices). ours GB: also gradients, 8-bit moments and activations.
+    --measure trains a few steps here and adds the measured peak.
+
+    {groups:model}
+    """
     from .memory import memory_rows
     from .results import markdown, print_table, to_frame
     from .files import atomic_write
@@ -211,6 +322,7 @@ def memory_estimate(size: str = typer.Option("60m", "--size", help="60m|130m|350
 
 def _memory_display(row: dict) -> dict:
     """A narrow view of one memory_rows() row for the terminal (all fields stay in csv/json/md)."""
+    row = _without_unused(row)
     out = {"method": row["method"], "rank": row.get("rank"), "delta": row.get("delta"),
            "params M": round(row["params_total"] / 1e6, 2), "trainable M": round(row["params_trainable"] / 1e6, 2),
            "param GB": row["param_mem_gb"], "optim GB": row["optimizer_mem_gb"], "paper GB": row["total_mem_gb"],
@@ -234,11 +346,12 @@ def export(run: Path = typer.Argument(..., help=RUN_HELP),
                                                                   "an earlier one."),
            dtype: str = typer.Option("fp32", "--dtype", help="Weight dtype in model.safetensors: fp32 (exact) or "
                                                              "bf16 (half the size).")):
-    """Write a Hugging Face LlamaForCausalLM folder (config.json, model.safetensors, tokenizer, README.md).
+    """Write a Hugging Face LlamaForCausalLM folder from a run.
 
-    The method's layers are multiplied out into dense weights (SLTrain: (alpha/r) B A + S), so
-    transformers.AutoModelForCausalLM.from_pretrained(DIR) and AutoTokenizer.from_pretrained(DIR) load it
-    without sltrain.
+    The folder holds config.json, model.safetensors, the tokenizer, README.md.
+    The method's layers are multiplied out into dense weights (SLTrain:
+    (alpha/r) B A + S), so transformers loads it without sltrain:
+    AutoModelForCausalLM.from_pretrained(DIR), AutoTokenizer.from_pretrained(DIR).
     """
     import warnings
 
@@ -263,13 +376,38 @@ def generate(run: Path = typer.Argument(..., help=RUN_HELP),
                                                                           "(always the most likely token)."),
              top_k: int = typer.Option(50, "--top-k", help="Sample among the k most likely tokens; 0 = all."),
              seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same text.")):
-    """Print the prompt and a continuation sampled from the trained model in its own (sparse + low-rank) form.
+    """Sample a continuation of a prompt from a trained model.
 
-    The context is cropped to the model's last max_seq_len tokens.
+    Prints the prompt and the continuation, computed by the model in its own
+    (sparse + low-rank) form. The context is cropped to the model's last
+    max_seq_len tokens.
     """
     from .export import generate as sample
 
     typer.echo(sample(run, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed))
+
+
+@app.command("list")
+@_user_errors
+def list_configs(group: Optional[str] = typer.Argument(None, help="models | methods | data | optim | train | "
+                                                                  "experiments; all when omitted.")):
+    """List the config options of each group and what sets them apart.
+
+    One row per option: its name, the first line of its YAML's comment and its
+    key values (- where the option does not use a key). Use an option as
+    group=option, e.g. sltrain pretrain model=llama_60m method=galore.
+    """
+    from rich.markup import escape
+
+    from .catalog import GROUP_NAMES, group_rows, resolve_group
+    from .results import print_table
+
+    names = [group] if group else list(GROUP_NAMES)
+    for name in names:
+        resolve_group(name)  # a wrong name fails before anything is printed
+    for name in names:  # descriptions hold brackets (pip install 'sltrain[bnb]'): not rich markup
+        rows = [{k: escape(v) if isinstance(v, str) else v for k, v in r.items()} for r in group_rows(name)]
+        print_table(rows, title=f"{resolve_group(name)}=OPTION")
 
 
 def main() -> None:

@@ -39,6 +39,25 @@ ALIASES = {
 GROUPS = ("model", "method", "data", "optim", "train", "experiment")
 RECIPES_KEY = "method_recipes"  # experiment presets: {method name: {dotted key: value}}
 
+# The method keys each method reads; the others stay in its config but change nothing (name and warm_start
+# are read by every method). --print-config and config.yaml mark the others "(unused by method=...)".
+_SPARSE_KEYS = ("delta", "support", "support_seed", "index_dtype", "block_size", "kernel")
+METHOD_KEYS = {
+    "full": (),
+    "lowrank": ("rank", "target_modules"),
+    "sparse": ("target_modules", *_SPARSE_KEYS),
+    "sltrain": ("rank", "alpha", "target_modules", *_SPARSE_KEYS),
+    "relora": ("rank", "alpha", "target_modules", "merge_every", "reset", "reset_ratio", "restart_warmup"),
+    "galore": ("rank", "target_modules", "update_proj_gap", "scale"),
+}
+
+
+def unused_method_keys(method_cfg) -> List[str]:
+    """The MethodConfig fields ``method_cfg.name`` does not read, e.g. ['rank', 'delta', ...] for full."""
+    name = getattr(method_cfg.name, "value", method_cfg.name)
+    return [f.name for f in dataclasses.fields(method_cfg)
+            if f.name not in ("name", "warm_start", *METHOD_KEYS[name])]
+
 
 def conf_dir() -> Path:
     """$SLTRAIN_CONF_DIR if set; else the conf/ shipped inside the installed package (sltrain_cli/conf, mapped
@@ -235,6 +254,9 @@ def to_yaml(cfg: RunConfig) -> str:
     def comment(text: str, indent: str) -> List[str]:
         return [f"{indent}# {line}" for line in wrap(" ".join(text.split()), max(40, 108 - len(indent)))]
 
+    unused = set(unused_method_keys(cfg.method))
+    method = cfg.method.name.value
+
     def emit(obj, data: dict, indent: str, out: List[str]) -> None:
         after_section = False
         for f in fields(obj):
@@ -248,7 +270,10 @@ def to_yaml(cfg: RunConfig) -> str:
             if after_section:
                 out.append("")
             after_section = False
-            out += comment(field_help(obj, f.name), indent)
+            text = field_help(obj, f.name)
+            if obj is cfg.method and f.name in unused:  # kept, so that the file loads back to the same config
+                text = f"(unused by method={method}) {text}"
+            out += comment(text, indent)
             text = OmegaConf.to_yaml({f.name: data[f.name]})
             out += [indent + line if line else line for line in text.rstrip("\n").split("\n")]
 

@@ -121,11 +121,17 @@ def wrap(model: torch.nn.Module, rt: Runtime, fsdp: bool) -> torch.nn.Module:
             fully_shard(block)
         fully_shard(model)
         return model
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
-    # buffers (the sparse supports) are identical on every rank (checked at start-up): no re-broadcast
+    # Buffers (the sparse supports) are identical on every rank (checked at start-up): no re-broadcast before
+    # every forward. torch >= 2.13 names that forward_sync_buffers (broadcast_buffers warns, per rank, that it
+    # is deprecated); the one broadcast at construction it keeps copies rank 0's supports over equal ones.
+    sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers")
     return DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   **{sync: False})
 
 
 def maybe_no_sync(wrapped: torch.nn.Module, last_microbatch: bool):

@@ -109,6 +109,9 @@ def measure_memory(model_cfg: ModelConfig, method_cfg: MethodConfig, *, optimize
     else:
         from torch.profiler import ProfilerActivity, profile
 
+        # libkineto logs "USDT: ... profiler_start/stop" to stderr at its highest level (USDT = 5) whatever the
+        # build; 6 is above every level. Read when the profiler first starts, so set here; a user's value wins.
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             run()
         peak, kind = _cpu_peak_bytes(prof, marker), "cpu_profiler_alloc_peak"

@@ -243,12 +243,12 @@ def _step_temp_bytes(trainable, method: str, optimizer: str, layerwise: bool, de
 
     torch AdamW: on CUDA the foreach path builds one sqrt(v) list the size of all moments (n x a; with
     layer-wise updates each optimizer holds one parameter, so the largest one); on CPU the single-tensor
-    path builds sqrt(v) and its quotient for one parameter at a time (2 x largest). GaLoreAdamW (per
-    parameter): the denominator and direction (2 x state) plus, for a projected matrix, the back-projected
-    (out, in) update; every update_proj_gap steps (step 0 included) the projector refresh takes an fp32
+    path builds sqrt(v) and its quotient for one parameter at a time (2 x largest). GaLore (per parameter):
+    2 x state (32-bit: denominator, direction; 8-bit: R, update scratch) plus, when projected, the (out, in)
+    back-projection; every update_proj_gap steps (step 0 included) the projector refresh takes an fp32
     SVD of the largest target gradient: its fp32 copy, U, Vh and a matrix-sized solver workspace.
     bitsandbytes 8-bit: fused CUDA kernel (nothing); the CPU backend dequantizes both moments, upcasts the
-    gradient and the parameter to fp32 and forms an fp32 denominator (~6 x 4 B x largest).
+    gradient and the parameter to fp32 and forms an fp32 denominator (~6 x 4 B x largest, or x state).
     """
     if not trainable:
         return 0
@@ -257,11 +257,11 @@ def _step_temp_bytes(trainable, method: str, optimizer: str, layerwise: bool, de
         def one(t):
             if t.galore_shape:
                 o, i = t.galore_shape
-                k = min(o, i)
+                k, n = min(o, i), rank * max(o, i)
                 svd = 4 * (2 * o * i + o * k + k * i)
-                update = a * (2 * rank * max(o, i) + o * i) if optimizer == "adam" else a * o * i
+                update = a * (2 * n + o * i) + (24 * n if optimizer == "adam8bit" and device == "cpu" else 0)
                 return max(svd, update)
-            return 2 * a * t.numel if optimizer == "adam" or device == "cpu" else 0
+            return 2 * a * t.numel if optimizer == "adam" else (24 * t.numel if device == "cpu" else 0)
         return max(one(t) for t in trainable)
     if optimizer == "adam8bit":
         return 24 * largest if device == "cpu" else 0
@@ -441,7 +441,7 @@ def memory_rows(size: str, method: str = "all", rank: Optional[int] = None, delt
                 meas = measure_memory(cfg, mcfg, optimizer=optimizer, layerwise=layerwise, batch_size=batch_size,
                                       seq_len=seq_len, device=device, precision="bf16-pure",
                                       activation_checkpointing=activation_checkpointing)
-            except UserError as e:  # e.g. 8-bit GaLore, which core/optim.py refuses: keep the estimate row
+            except UserError as e:  # a setting the core refuses: keep the estimate row
                 row.update(measured_gb=None, measure_kind=None, ratio=None, measure_error=str(e))
             else:
                 row.update(measured_gb=meas["measured_gb"], measure_kind=meas["measure_kind"],

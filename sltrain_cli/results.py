@@ -5,6 +5,7 @@ Every table a command produces goes through ``write_table`` (atomic CSV + Markdo
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypedDict
@@ -154,14 +155,53 @@ def plot_lines(series: Dict[str, Tuple[Sequence[float], Sequence[float]]], path:
                      legend=len(series) > 1 or any(series))
 
 
-def plot_scatter(points: List[Tuple[float, float, str]], path: Path | str, *, xlabel: str, ylabel: str,
+MARKERS = "osD^vP*X<>"
+
+
+def plot_scatter(points: List[Tuple[float, float, str, str]], path: Path | str, *, xlabel: str, ylabel: str,
                  title: str = "", logx: bool = False) -> Path:
-    """One PNG of labelled points (x, y, label)."""
+    """One PNG of labelled points (x, y, label, group): one colour and marker per group (a legend entry
+    each), labels nudged alternately above and below so that neighbours do not print on top of each other."""
     fig, ax = _axes()
-    for x, y, label in points:
-        ax.scatter([x], [y])
-        ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    return _save_png(fig, ax, path, xlabel=xlabel, ylabel=ylabel, title=title, logx=logx)
+    groups = list(dict.fromkeys(g for *_, g in points))
+    for i, group in enumerate(groups):
+        mine = [(x, y) for x, y, _, g in points if g == group]
+        ax.scatter([x for x, _ in mine], [y for _, y in mine], marker=MARKERS[i % len(MARKERS)], s=36,
+                   label=group, color=f"C{i % 10}")
+    for j, (x, y, label, _) in enumerate(sorted(points)):
+        ax.annotate(label, (x, y), fontsize=6, xytext=(4, 5 if j % 2 == 0 else -9), textcoords="offset points")
+    return _save_png(fig, ax, path, xlabel=xlabel, ylabel=ylabel, title=title, logx=logx, legend=bool(groups))
+
+
+def read_metrics(path: Path | str) -> Tuple[List[dict], List[dict]]:
+    """(training rows, validation rows) of a metrics.jsonl ([] for a missing file)."""
+    path = Path(path)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [r for r in rows if r.get("loss") is not None], [r for r in rows if r.get("val_ppl") is not None]
+
+
+def plot_run_curves(runs: Dict[str, Path], path: Path | str, title: str = "") -> Path:
+    """loss.png: training loss (left) and validation perplexity (right, log scale) against tokens, one colour
+    per run folder in ``runs`` (label -> run folder)."""
+    fig, ax = _axes()
+    right = ax.twinx()
+    curves = {label: read_metrics(Path(run_dir) / "metrics.jsonl") for label, run_dir in runs.items()}
+    most = max([r["tokens"] for train, val in curves.values() for r in train + val] or [0])
+    scale, unit = (1e6, "millions") if most >= 1e6 else (1e3, "thousands")
+    ppls = []
+    for i, (label, (train, val)) in enumerate(curves.items()):
+        name = f"{label} " if len(runs) > 1 else ""
+        ax.plot([r["tokens"] / scale for r in train], [r["loss"] for r in train], color=f"C{i % 10}",
+                label=f"{name}train loss")
+        right.plot([r["tokens"] / scale for r in val], [r["val_ppl"] for r in val], color=f"C{i % 10}",
+                   linestyle="--", marker="o", markersize=3, label=f"{name}val ppl")
+        ppls += [r["val_ppl"] for r in val]
+    if ppls and max(ppls) > 10 * min(ppls):
+        right.set_yscale("log")
+    right.set_ylabel("validation perplexity (dashed)")
+    lines = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=7, loc="upper right")
+    return _save_png(fig, ax, path, xlabel=f"tokens ({unit})", ylabel="training loss (solid)", title=title)
 
 
 def _axes():

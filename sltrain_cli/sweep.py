@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from rich.console import Console
 
+from .checkpoint import latest_checkpoint
 from .compose import (
     drop_keys,
     expand_grid,
@@ -45,7 +46,6 @@ from .compose import (
     run_name,
     split_override,
 )
-from .checkpoint import latest_checkpoint
 from .configs import ConfigError
 from .files import read_overrides, read_summary, write_json
 from .results import RunSummary, frame, make_console
@@ -245,7 +245,7 @@ def _ppl(summary: Optional[RunSummary]) -> str:
 def result_row(result: TrialResult, swept_keys: Sequence[str] = ()) -> dict:
     s = result.summary or {}
     peak = s.get("peak_mem_bytes")
-    row = {"trial": result.trial.name, **{k: result.trial.swept.get(k) for k in swept_keys}}
+    row = {"trial": result.trial.name, **{k: result.trial.swept.get(k) for k in swept_keys}, "method": s.get("method")}
     row.update({"params_total": s.get("params_total"), "params_trainable": s.get("params_trainable"),
                 "val_ppl": s.get("val_ppl"), "tokens": s.get("tokens"), "tokens_per_s": s.get("tokens_per_s"),
                 "peak_mem_gb": round(peak / 1e9, 4) if peak else None, "est_mem_gb": s.get("est_mem_gb"),
@@ -254,14 +254,16 @@ def result_row(result: TrialResult, swept_keys: Sequence[str] = ()) -> dict:
 
 
 def plot_sweep(rows: Sequence[dict], folder: Path) -> List[Path]:
-    """ppl_vs_params.png and ppl_vs_memory.png from the completed rows (labelled by trial)."""
+    """ppl_vs_params.png and ppl_vs_memory.png from the completed rows (coloured by method, labelled by trial)."""
     from .results import plot_scatter
 
     done = [r for r in rows if r["status"] == "completed" and r["val_ppl"] is not None]
     paths = []
-    for x_key, xlabel, stem in (("params_total", "parameters", "ppl_vs_params"),
-                                ("est_mem_gb", "estimated memory (GB, params + Adam, bf16)", "ppl_vs_memory")):
-        points = [(float(r[x_key]), float(r["val_ppl"]), r["trial"]) for r in done if r[x_key] is not None]
+    for x_key, scale, xlabel, stem in (
+            ("params_total", 1e6, "parameters (millions)", "ppl_vs_params"),
+            ("est_mem_gb", 1.0, "estimated memory (GB, params + Adam, bf16)", "ppl_vs_memory")):
+        points = [(float(r[x_key]) / scale, float(r["val_ppl"]), r["trial"], r.get("method") or "?")
+                  for r in done if r[x_key] is not None]
         paths.append(plot_scatter(points, folder / f"{stem}.png", xlabel=xlabel, ylabel="validation perplexity",
                                   title=f"sweep {folder.name}" if points else "no completed trials"))
     return paths

@@ -49,7 +49,7 @@ from .files import (
     write_json,
     write_overrides,
 )
-from .results import RunSummary
+from .results import RunSummary, plot_run_curves
 from .runs import autocast_for, build_model, check_run_dir, check_writable, disk_full_error, open_run_dir
 from .tokenizer import build_tokenizer
 
@@ -367,6 +367,8 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
         if rt.is_main:
             try:
                 write_json(run_dir / "summary.json", summary)
+                plot_run_curves({run_dir.name: run_dir}, run_dir / "loss.png",
+                                title=f"{run_dir.name} ({mcfg.name.value}, {status})")
             except OSError as err:  # a full disk must not hide the run's real outcome
-                print(f"summary.json not written: {err.strerror}", flush=True)
+                print(f"summary.json / loss.png not written: {err.strerror}", flush=True)
     return summary

@@ -40,8 +40,9 @@ def tiny_run(tmp_path_factory, cache_dir):
 def test_tiny_pretrain_writes_every_run_file(tiny_run):
     run_dir, _, output = tiny_run
     for name in ("config.yaml", "overrides.txt", "metrics.jsonl", "summary.json", "checkpoints/latest",
-                 "tokenizer"):
+                 "tokenizer", "loss.png"):
         assert (run_dir / name).exists(), name
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("command", "model", "method", "rank", "delta", "params_total", "params_trainable", "tokens",
                 "steps", "val_loss", "val_ppl", "tokens_per_s", "peak_mem_bytes", "est_mem_gb", "status"):

@@ -131,10 +131,13 @@ def test_sigterm_reaches_the_trial_and_a_rerun_resumes_it(tmp_path, cache_dir):
 
     # the same command again resumes trial 1 from its checkpoint (stopped again once it has gone on)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 30
+    deadline = time.time() + 60
     log = folder / "logs" / "rank=4.log"
-    while time.time() < deadline and f"at step {stopped}" not in log.read_text():
-        time.sleep(0.1)
+    def gone_on():  # a checkpoint past the one it resumed from
+        return any(int(p.stem.split("_")[1]) > stopped for p in first.glob("step_*.pt"))
+
+    while time.time() < deadline and not gone_on():
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert "resumed from" in log.read_text() and f"at step {stopped}" in log.read_text(), log.read_text()
