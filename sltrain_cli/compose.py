@@ -326,7 +326,8 @@ def run_name(overrides: Sequence[str]) -> str:
 # runs. Anything else changes the numbers, so a resume with another value is refused.
 RESUME_FREE_KEYS = ("train.log_every", "train.eval_every", "train.save_every", "train.eval_tokens",
                     "train.num_threads", "train.device", "train.keep_checkpoints", "train.resume", "train.overwrite",
-                    "tokenizer.cache_dir", "out_dir", "run_name", "timestamp", "method_recipes")
+                    "train.loggers", "train.peak_flops", "tokenizer.cache_dir", "out_dir", "run_name", "timestamp",
+                    "method_recipes")
 
 
 def _flatten(data, prefix: str = "") -> dict:

@@ -168,6 +168,7 @@ class ModelConfig:
         return self.hidden_size // self.num_heads
 
 
+LOGGERS = ("jsonl", "tensorboard", "wandb")  # train.loggers; tracking.py starts each
 TARGET_MODULES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -306,7 +307,7 @@ class OptimConfig:
     def __post_init__(self):
         self.name = _enum(self.name, OptimName, "optim.name")
         self.schedule = _enum(self.schedule, Schedule, "optim.schedule")
-        finite = ("lr", "eps", "weight_decay", "beta1", "beta2") + (("grad_clip",) if self.grad_clip is not None else ())
+        finite = ["lr", "eps", "weight_decay", "beta1", "beta2"] + ([] if self.grad_clip is None else ["grad_clip"])
         for k in finite:
             _check(math.isfinite(getattr(self, k)), f"optim.{k}", f"must be a finite number, got {getattr(self, k)}")
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
@@ -351,6 +352,10 @@ class TrainConfig:
                                                                             "backward"})
     parallel: Parallel = field(default=Parallel.ddp, metadata={"help": "multi-process strategy under torchrun"})
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default"})
+    loggers: List[str] = field(default_factory=lambda: ["jsonl"], metadata={
+        "help": "trackers that get the metrics rows: jsonl | tensorboard | wandb, e.g. [jsonl,tensorboard]"})
+    peak_flops: float = field(default=0.0, metadata={
+        "help": "device peak FLOP/s for the summary's MFU; 0 = the known-GPU table (bf16 dense), none on CPU"})
 
     def __post_init__(self):
         self.precision = _enum(self.precision, Precision, "train.precision")
@@ -365,6 +370,10 @@ class TrainConfig:
                f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         for k in ("log_every",):
             _check(getattr(self, k) >= 1, f"train.{k}", f"must be >= 1, got {getattr(self, k)}")
+        bad = [name for name in self.loggers if name not in LOGGERS]
+        _check(not bad, "train.loggers", f"allowed: {', '.join(LOGGERS)}; got {bad}")
+        _check(math.isfinite(self.peak_flops) and self.peak_flops >= 0, "train.peak_flops",
+               f"must be >= 0, got {self.peak_flops}")
         for k in ("eval_every", "save_every", "num_threads", "keep_checkpoints"):
             _check(getattr(self, k) >= 0, f"train.{k}", f"must be >= 0, got {getattr(self, k)}")
         _check(self.eval_tokens >= 1, "train.eval_tokens", f"must be >= 1, got {self.eval_tokens}")

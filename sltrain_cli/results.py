@@ -48,7 +48,30 @@ class RunSummary(TypedDict, total=False):
     peak_mem_bytes: int
     peak_mem_kind: str  # cuda_max_memory_allocated | cpu_peak_rss
     optimizer_state_bytes: int
-    status: str  # completed | failed | interrupted
+    kernels: Dict[str, str]  # SparseLowRankLinear kernel per layer shape ("in->out": compose | factored)
+    # software and hardware (tracking.run_metadata)
+    sltrain_version: Optional[str]
+    git_commit: Optional[str]  # -dirty when the checkout had uncommitted changes
+    python: str
+    torch: str
+    cuda: Optional[str]
+    bitsandbytes: Optional[str]
+    transformers: Optional[str]
+    device_name: str
+    device_count: int
+    hostname: str
+    argv: List[str]
+    start_time: str
+    end_time: str
+    flops_per_token: int  # 6 N + attention
+    peak_flops: Optional[float]  # the device's dense bf16 peak (CUDA) or train.peak_flops
+    mfu: float  # tokens_per_s * flops_per_token / (peak_flops * world_size), when peak_flops is known
+    status: str  # completed | failed | interrupted | diverged
+    exit_code: int  # interrupted: 128 + signal number; diverged: 3
+    signal: str  # interrupted: SIGINT | SIGTERM | SIGUSR1
+    diverged_step: int
+    last_checkpoint: Optional[str]
+    skipped: bool  # train() found this run already completed and did not train it again
 
 
 SUMMARY_ROW_KEYS = ("model", "method", "rank", "delta", "params_total", "params_trainable", "tokens", "val_ppl",

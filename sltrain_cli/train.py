@@ -52,6 +52,7 @@ from .files import (
 from .results import RunSummary, plot_run_curves
 from .runs import autocast_for, build_model, check_run_dir, check_writable, disk_full_error, open_run_dir
 from .tokenizer import build_tokenizer
+from .tracking import Trackers, flops_per_token, memory_now, peak_flops, run_metadata
 
 
 # ----------------------------------------------------------------------------------------- pieces
@@ -159,10 +160,11 @@ class StopSignal:
 
 
 class _Metrics:
-    """metrics.jsonl: one JSON object per logged step; on resume, rows past the checkpoint are dropped."""
+    """metrics.jsonl: one JSON object per logged step, the same rows to the trackers; on resume, rows past the
+    checkpoint are dropped (the ones before it are kept byte for byte)."""
 
-    def __init__(self, path: Path, resume_step: int, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, resume_step: int, enabled: bool, trackers: Optional[Trackers] = None):
+        self.path, self.enabled, self.trackers = path, enabled, trackers
         if enabled and path.exists():
             rows = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
@@ -172,6 +174,8 @@ class _Metrics:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json_line(row) + "\n")
+            if self.trackers is not None:
+                self.trackers.log(row)
 
 
 # ----------------------------------------------------------------------------------------- train
@@ -261,7 +265,8 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
         torch.set_rng_state(state.rng["torch"])
         rt.print(f"resumed from {resume_from} at step {state.step}")
     start_step = state.step
-    metrics = _Metrics(run_dir / "metrics.jsonl", start_step, rt.is_main)
+    trackers = Trackers(tcfg.loggers, run_dir, to_container(cfg), run_dir.name, enabled=rt.is_main)
+    metrics = _Metrics(run_dir / "metrics.jsonl", start_step, rt.is_main, trackers)
     last_saved: list = [resume_from]
 
     def save(step: int) -> None:
@@ -284,7 +289,9 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
         "params_total": counts["total"], "params_trainable": counts["trainable"],
         "params_lowrank": counts["lowrank"], "params_sparse": counts["sparse_values"],
         "index_entries": counts["indices"], "vocab_size": tokenizer.vocab_size, "unigram_ppl": unigram,
-        "world_size": rt.world_size, "device": str(device), "precision": tcfg.precision.value, "kernels": kernels}
+        "world_size": rt.world_size, "device": str(device), "precision": tcfg.precision.value, "kernels": kernels,
+        **run_metadata(device, rt.world_size), "flops_per_token": flops_per_token(model, cfg.data.seq_len),
+        "peak_flops": peak_flops(device, tcfg.peak_flops)}
     summary["est_mem_gb"] = estimated_memory_gb(model_cfg, mcfg)
     tokens_per_step = tcfg.total_batch_size * cfg.data.seq_len
     params = [p for p in model.parameters() if p.requires_grad]
@@ -316,7 +323,8 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
                     loss_val = distributed.mean_across_ranks(loss_sum, rt)
                     lr = optimizer.param_groups[0]["lr"] if not tcfg.layerwise else optimizer.current_lr()
                     row = {"step": done, "tokens": state.tokens, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
-                           "tokens_per_s": state.tokens / max(state.train_time, 1e-9), "elapsed_s": state.train_time}
+                           "tokens_per_s": state.tokens / max(state.train_time, 1e-9), "elapsed_s": state.train_time,
+                           **memory_now(device)}
                     metrics.log(row)
                     bar.update(done, loss=loss_val, lr=lr, tps=row["tokens_per_s"])
                 else:
@@ -356,7 +364,11 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
                         "tokens_per_s": state.tokens / state.train_time if state.train_time else None,
                         "train_time_s": state.train_time, "peak_mem_bytes": peak, "peak_mem_kind": peak_kind,
                         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
-                        "status": status})
+                        "status": status, "end_time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        if summary["tokens_per_s"] and summary["peak_flops"]:  # model FLOPs utilisation, all devices together
+            achieved = summary["tokens_per_s"] * summary["flops_per_token"]
+            summary["mfu"] = achieved / (summary["peak_flops"] * rt.world_size)
+        trackers.close()
         if status == "interrupted":
             summary["exit_code"] = stop.exit_code
             summary["signal"] = signal.Signals(stop.signum or signal.SIGINT).name

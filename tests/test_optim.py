@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from sltrain_cli.configs import MethodConfig, OptimConfig, UserError
-from sltrain_cli.core.galore import GaLoreAdamW
+from sltrain_cli.core.galore import GaLoreAdamW, GaLoreAdamW8bit
 from sltrain_cli.core.optim import (
     BNB_MISSING,
     LayerwiseOptimizer,
@@ -146,9 +146,29 @@ def test_build_galore_groups():
     assert [id(p) for p in galore_target_params(model, ["up"])] == [id(model.mlp["up"].weight)]
 
 
-def test_build_galore_refusals():
-    with pytest.raises(UserError, match="adamw8bit"):
+def test_build_galore_8bit():
+    _bnb()
+    model = Toy(d_in=64, hidden=128, inner=256)  # mlp.up (256, 128): R = 256 x 32 = 8192 -> 8-bit moments
+    opt = build_optimizer(model, _cfg(name="adamw8bit"), MethodConfig(name="galore", rank=32, update_proj_gap=5))
+    assert type(opt) is GaLoreAdamW8bit
+    plain, gal = opt.param_groups
+    assert not plain["galore"] and gal["galore"] and gal["rank"] == 32
+    x, y = torch.randn(6, 64), torch.randn(6, 4)
+    _loss(model, x, y).backward()
+    opt.step()
+    st = opt.state[model.mlp["up"].weight]
+    assert st["state1"].dtype == torch.uint8 and st["state1"].shape == (256, 32) and st["proj"].shape == (32, 128)
+    assert opt.state[model.head.weight]["state1"].dtype == torch.float32  # 1024 entries: fp32, as bitsandbytes
+
+
+def test_build_galore_8bit_missing_bnb_message(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(UserError) as e:
         build_optimizer(Toy(), _cfg(name="adamw8bit"), MethodConfig(name="galore", rank=4))
+    assert str(e.value) == BNB_MISSING
+
+
+def test_build_galore_refusals():
     with pytest.raises(UserError, match="target_modules"):
         build_optimizer(nn.Sequential(nn.Linear(4, 4)), _cfg(), MethodConfig(name="galore", rank=2))
 
@@ -199,7 +219,8 @@ def _train_layerwise(model, lw, batches):
 
 
 @pytest.mark.parametrize("method,optim_name,micro", [
-    ("full", "adamw", 1), ("full", "adamw", 2), ("galore", "adamw", 2), ("full", "adamw8bit", 2)])
+    ("full", "adamw", 1), ("full", "adamw", 2), ("galore", "adamw", 2), ("full", "adamw8bit", 2),
+    ("galore", "adamw8bit", 2)])
 def test_layerwise_matches_ordinary(method, optim_name, micro):
     if optim_name == "adamw8bit":
         _bnb()
@@ -207,7 +228,8 @@ def test_layerwise_matches_ordinary(method, optim_name, micro):
     ref = Toy(inner=256 if optim_name == "adamw8bit" else 80)
     model = copy.deepcopy(ref)
     cfg = _cfg(name=optim_name)
-    mcfg = MethodConfig(name=method, rank=4, update_proj_gap=2)
+    # 8-bit GaLore: rank 16 gives mlp.up (256, 32) an R of 256 x 16 = 4096 entries, 8-bit moments
+    mcfg = MethodConfig(name=method, rank=16 if optim_name == "adamw8bit" else 4, update_proj_gap=2)
     T, batches = 5, _batches(5, micro)
     _train_ordinary(ref, cfg, mcfg, batches, T)
     lw = LayerwiseOptimizer(model, cfg, mcfg, total_steps=T)
@@ -256,12 +278,15 @@ def test_layerwise_refuses_clipping_and_ddp():
     check_layerwise(OptimConfig(grad_clip=0.0))
 
 
-@pytest.mark.parametrize("method", ["full", "galore"])
-def test_layerwise_resume_bitwise(method):
+@pytest.mark.parametrize("method,optim_name", [("full", "adamw"), ("galore", "adamw"), ("galore", "adamw8bit")])
+def test_layerwise_resume_bitwise(method, optim_name):
+    if optim_name == "adamw8bit":
+        _bnb()
     torch.manual_seed(0)
-    cfg, mcfg, T = _cfg(), MethodConfig(name=method, rank=4, update_proj_gap=2), 7
+    eight = optim_name == "adamw8bit"  # as in test_layerwise_matches_ordinary: mlp.up gets 8-bit moments
+    cfg, mcfg, T = _cfg(name=optim_name), MethodConfig(name=method, rank=16 if eight else 4, update_proj_gap=2), 7
     batches = _batches(T, micro=2)
-    ref = Toy()
+    ref = Toy(inner=256 if eight else 80)
     model = copy.deepcopy(ref)
     _train_layerwise(ref, LayerwiseOptimizer(ref, cfg, mcfg, total_steps=T), batches)
 
@@ -273,8 +298,10 @@ def test_layerwise_resume_bitwise(method):
     ckpt = torch.load(buf, weights_only=True)
     lw.remove()
 
+    if eight:
+        assert lw.state[model.mlp["up"].weight]["state1"].dtype == torch.uint8
     torch.manual_seed(99)
-    model2 = Toy()
+    model2 = Toy(inner=256 if eight else 80)
     model2.load_state_dict(ckpt["model"])
     lw2 = LayerwiseOptimizer(model2, cfg, mcfg, total_steps=T)
     lw2.load_state_dict(ckpt["optim"])

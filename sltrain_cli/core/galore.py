@@ -103,7 +103,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 # the reference's arithmetic, op for op (galore_torch/adamw.py)
                 exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                denom = exp_avg_sq.sqrt().add_(eps * math.sqrt(1.0 - beta2 ** t) if False else eps * 1.5)
+                denom = exp_avg_sq.sqrt().add_(eps)
                 step_size = lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
                 direction = exp_avg / denom
                 del denom

@@ -221,6 +221,10 @@ def _slab(rows: int, tokens: int) -> int:
     return max(16, min(tokens, (_SLAB_BYTES // max(1, rows * 4)) // 16 * 16))
 
 
+def _bwd_step(in_f: int, out_f: int, tokens: int) -> int:
+    return max(_BWD_STEP, _slab(max(in_f, out_f), tokens))
+
+
 def _lowrank_chunk(rank: int, out_f: int, in_f: int) -> int:
     """Token chunk for the rank-r products when x A^T is not kept: (chunk, r) temporaries of at most half a W."""
     return max(256, (out_f * in_f) // (2 * rank))
@@ -317,12 +321,13 @@ class _FactoredFn(torch.autograd.Function):
                 St = plan.St(values.to(sp)) if need_x else None
                 dvals = _csr(plan.crow, plan.col, torch.zeros(plan.nnz, dtype=sp, device=device), plan.size) \
                     if need_v else None
-                for t0 in range(0, T, _BWD_STEP):
-                    gT = g2[t0:t0 + _BWD_STEP].t().to(sp).contiguous()  # (out, c), shared by both products
+                step = _bwd_step(in_f, out_f, T)
+                for t0 in range(0, T, step):
+                    gT = g2[t0:t0 + step].t().to(sp).contiguous()  # (out, c), shared by both products
                     if need_x:
-                        dx[t0:t0 + _BWD_STEP].add_(torch.mm(St, gT).t())
+                        dx[t0:t0 + step].add_(torch.mm(St, gT).t())
                     if need_v:  # dvalues[k] += sum_t g[t, row_k] x[t, col_k], in place
-                        torch.sparse.sampled_addmm(dvals, gT, x2[t0:t0 + _BWD_STEP].to(sp), beta=1.0, out=dvals)
+                        torch.sparse.sampled_addmm(dvals, gT, x2[t0:t0 + step].to(sp), beta=1.0, out=dvals)
                 if need_v:
                     dv = plan.unpermute(dvals.values()).to(values.dtype)
             if dx is not None:
@@ -335,47 +340,54 @@ class _FactoredFn(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------ auto: cost model
 KERNELS = ("auto", "compose", "factored")
 
-# Effective throughput per device kind, fitted to interleaved timings of both kernels (benchmarks/bench_layer.py,
-# one CPU thread here; the ratios matter, not the absolute numbers): dense GEMM multiply-adds/s per dtype, the
-# fraction of that a rank-r GEMM reaches, CSR sparse-dense (and sampled) multiply-adds/s, bytes/s of the memory
-# passes (casts, transposes, scatter/gather), and seconds per kernel call. CUDA: not yet measured -- conservative
-# guesses (cuSPARSE against tensor cores) that keep compose except where the sparse part is tiny.
+# The cost model, in multiply-adds of a dense GEMM of the compute dtype (so only ratios matter), fitted to interleaved
+# timings of both kernels against dense on this project's CPU (one thread, 60M and 1B shapes, 512-8192 tokens;
+# benchmarks/bench_layer.py): per multiply-add of the dense products (compose: 3T io), of the rank-r products
+# (compose: the 4 r io that build W twice and form dA, dB; factored: 3T r (in + out), plus T r in when x A^T is
+# recomputed), per multiply-add of the CSR products (3T nnz), and per element of the memory passes (compose: io --
+# building W, its cast, Gw; factored: T (in + out) -- the transposes of x and g slabs and the transposed adds).
+# bf16 on CPU: the sparse products run in fp32 and compose builds W in fp32, hence the larger costs. ``call``: seconds
+# per kernel call, against a dense rate ``rate`` (multiply-adds/s). CUDA: NOT yet measured -- conservative guesses
+# (cuSPARSE in fp32 against tensor cores) that keep compose except where the sparse part is cheap.
+_FIT32 = dict(dense=1.0, rank=0.85, c_pass=316.0, lowrank=0.86, sparse=8.06, f_pass=502.0, rate=50e9, call=8e-6)
+_FIT16 = dict(dense=0.93, rank=4.07, c_pass=1819.0, lowrank=0.5, sparse=29.1, f_pass=1500.0, rate=125e9, call=8e-6)
 _COST = {
-    "cpu": dict(gemm={torch.float32: 50e9, torch.bfloat16: 100e9, torch.float16: 50e9, torch.float64: 25e9},
-                thin=0.8, sparse=6e9, sampled=4e9, bw=8e9, call=15e-6),
-    "cuda": dict(gemm={torch.float32: 25e12, torch.bfloat16: 350e12, torch.float16: 350e12, torch.float64: 25e12},
-                 thin=0.6, sparse=0.5e12, sampled=0.3e12, bw=2e12, call=8e-6),
+    "cpu": {torch.float32: _FIT32, torch.float64: _FIT32, torch.bfloat16: _FIT16, torch.float16: _FIT16},
+    "cuda": {torch.float32: dict(dense=1.0, rank=1.0, c_pass=800.0, lowrank=1.5, sparse=50.0, f_pass=800.0,
+                                 rate=25e12, call=10e-6),
+             torch.bfloat16: dict(dense=1.0, rank=1.0, c_pass=4800.0, lowrank=1.5, sparse=300.0, f_pass=4800.0,
+                                  rate=300e12, call=10e-6)},
 }
+_COST["cuda"][torch.float16] = _COST["cuda"][torch.bfloat16]
+_COST["cuda"][torch.float64] = _COST["cuda"][torch.float32]
+_MARGIN = 0.95  # factored only where modelled >= 5% cheaper: near a tie the paper's path (and its numbers) stay
 
 
 def kernel_cost(kernel: str, tokens: int, n_in: int, n_out: int, rank: int, nnz: int, dtype: torch.dtype,
                 device) -> float:
     """Modelled seconds of one forward + backward of the layer with ``kernel`` (compose | factored)."""
     device = torch.device(device)
-    c = _COST.get(device.type, _COST["cuda"])
-    gemm = lambda dt: c["gemm"].get(dt, c["gemm"][torch.float32])  # noqa: E731
+    table = _COST.get(device.type, _COST["cuda"])
+    c = table.get(dtype, table[torch.float32])
     T, io = max(1, int(tokens)), n_in * n_out
-    elt = 4
     if kernel == "compose":
-        work = _work_dtype(dtype, device)
-        t = 3 * T * io / gemm(dtype) + (4 * rank * io / gemm(work) if rank else 0.0)
-        passes = 4 + (4 if work != dtype else 0)  # W written twice, Gw, its cast; low precision: casts, transposes
-        return t + (passes * io * elt + 4 * nnz * 8) / c["bw"] + 12 * c["call"]
-    lr, sp = _lowrank_dtype(dtype, device), _sparse_dtype(dtype, device)
-    t = 3 * T * rank * (n_in + n_out) / (gemm(lr) * c["thin"]) if rank else 0.0
-    calls = 10.0
+        work = c["dense"] * 3 * T * io + (c["rank"] * 4 * rank * io if rank else 0.0) + c["c_pass"] * io
+        return work / c["rate"] + 14 * c["call"]
+    work, calls = 0.0, 12
+    if rank:
+        recompute = T * rank * n_in if T * rank > io else 0
+        work += c["lowrank"] * (3 * T * rank * (n_in + n_out) + recompute)
+        if recompute:
+            calls += 7 * -(-T // _lowrank_chunk(rank, n_out, n_in))
     if nnz:
-        t += 2 * T * nnz / c["sparse"] + T * nnz / c["sampled"]
-        passes = (3 * T * n_in + 4 * T * n_out) * elt + -(-T // _BWD_STEP) * nnz * 8
-        if sp != dtype:
-            passes += 2 * T * (n_in + n_out) * elt
-        t += passes / c["bw"]
-        calls += 2 * -(-T // _slab(n_in, T)) + 4 * -(-T // _BWD_STEP)
-    return t + calls * c["call"]
+        work += c["sparse"] * 3 * T * nnz + c["f_pass"] * T * (n_in + n_out)
+        calls += 3 * -(-T // _slab(n_in, T)) + 4 * -(-T // _bwd_step(n_in, n_out, T))
+    return work / c["rate"] + calls * c["call"]
 
 
 def choose_kernel(tokens: int, n_in: int, n_out: int, rank: int, nnz: int, dtype: torch.dtype, device) -> str:
-    """The cheaper kernel by ``kernel_cost`` (ties: compose, the paper's path). Deterministic: no timing involved."""
+    """factored where ``kernel_cost`` puts it at least 5% below compose, else compose. Deterministic: a function of
+    the arguments only (no timing), so a run and its resumption pick the same."""
     factored = kernel_cost("factored", tokens, n_in, n_out, rank, nnz, dtype, device)
     compose = kernel_cost("compose", tokens, n_in, n_out, rank, nnz, dtype, device)
-    return "factored" if factored < compose else "compose"
+    return "factored" if factored < _MARGIN * compose else "compose"
