@@ -12,8 +12,9 @@ a micro-batch of 512 tokens is 2 sequences, one of 8192 is 32. Variants:
 
 Each step is timed interleaved, round-robin across variants (noise lands on all alike), median reported with
 tokens/s and its ratio to full. Peak memory: the peak of live tensor storage created during one (untimed) step on
-CPU, tracked op by op (activations, gradients, logits, optimizer temporaries); on CUDA max_memory_allocated growth.
-"state MB" is what the step starts from: parameters and AdamW moments. Printed only, never asserted.
+CPU, tracked op by op -- forward + backward (activations, logits, gradients) and AdamW's update (its temporaries)
+separately; on CUDA max_memory_allocated growth. "state MB" is what the step starts from: parameters, buffers and
+AdamW moments. Printed only, never asserted.
 
     python benchmarks/bench_step.py --threads 1                          # 60m and 1b slices, 512 and 8192 tokens
     python benchmarks/bench_step.py --widths 1b --tokens 512 --repeats 7 --threads 1
@@ -76,12 +77,18 @@ class Variant:
         g = torch.Generator().manual_seed(1)
         self.ids = torch.randint(0, vocab, (tokens // SEQ, SEQ), generator=g).to(device)
 
-    def step(self):
+    def forward_backward(self):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss = plain_loss(self.model, self.ids) if self.plain else self.model(self.ids, labels=self.ids).loss
         loss.backward()
+
+    def update(self):
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+
+    def step(self):
+        self.forward_backward()
+        self.update()
 
     def state_bytes(self) -> int:
         n = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -90,17 +97,23 @@ class Variant:
             n += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t))
         return n
 
-    def peak_growth(self) -> int:
+    def peak_growth(self) -> tuple[int, int]:
+        """Peak bytes created during forward + backward (activations, logits, gradients), then during AdamW's step."""
         if self.device.type == "cuda":
-            sync(self.device)
-            base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.step()
-            sync(self.device)
-            return torch.cuda.max_memory_allocated(self.device) - base
-        with PeakStorage() as tracker:
-            self.step()
-        return tracker.peak
+            peaks = []
+            for part in (self.forward_backward, self.update):
+                sync(self.device)
+                base = torch.cuda.memory_allocated(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+                part()
+                sync(self.device)
+                peaks.append(torch.cuda.max_memory_allocated(self.device) - base)
+            return tuple(peaks)
+        with PeakStorage() as fb:
+            self.forward_backward()
+        with PeakStorage() as up:
+            self.update()
+        return fb.peak, up.peak
 
 
 def bench(width, tokens, args, device, dtype) -> dict:
@@ -120,8 +133,9 @@ def bench(width, tokens, args, device, dtype) -> dict:
             times[n].append(time.perf_counter() - t0)
     out = {}
     for n, v in variants.items():
+        peaks = (None, None) if args.no_memory else [b / 2 ** 20 for b in v.peak_growth()]
         out[n] = dict(s=statistics.median(times[n]), state=v.state_bytes() / 2 ** 20, kernels=v.kernels,
-                      peak=None if args.no_memory else v.peak_growth() / 2 ** 20)
+                      peak=peaks[0], opt_peak=peaks[1])
     del variants
     gc.collect()
     return out
@@ -154,8 +168,9 @@ def main(argv=None) -> None:
         f"CPU ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
     print(f"# bench_step: {where}, torch {torch.__version__}, {args.dtype}, {args.layers} blocks + embedding + "
           f"lm_head (vocab {args.vocab}), AdamW; median of {args.repeats} interleaved steps after {args.warmup} warm-up")
-    print("| width | tokens | variant | step s | tokens/s | x full (time) | state MB | step peak MB (x full) | kernels |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| width | tokens | variant | step s | tokens/s | x full (time) | state MB | fwd+bwd peak MB (x full) "
+          "| AdamW peak MB | kernels |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for width in args.widths:
         for tokens in args.tokens:
             r = bench(width, tokens, args, device, dtype)
@@ -165,8 +180,9 @@ def main(argv=None) -> None:
                 peak = "-" if v["peak"] is None else f"{v['peak']:.0f}" + (
                     f" ({v['peak'] / ref['peak']:.2f})" if ref and ref["peak"] else "")
                 kernels = ", ".join(f"{k}: {c}" for k, c in v["kernels"].items()) or "-"
+                opt_peak = "-" if v["opt_peak"] is None else f"{v['opt_peak']:.0f}"
                 print(f"| {width} | {tokens} | {n} | {v['s']:.2f} | {tokens / v['s']:,.0f} | {ratio} | "
-                      f"{v['state']:.0f} | {peak} | {kernels} |", flush=True)
+                      f"{v['state']:.0f} | {peak} | {opt_peak} | {kernels} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -410,6 +410,30 @@ def list_configs(group: Optional[str] = typer.Argument(None, help="models | meth
         print_table(rows, title=f"{resolve_group(name)}=OPTION")
 
 
+@app.command("compare")
+@_user_errors
+def compare(runs: List[Path] = typer.Argument(..., help="Run folders, sweep / study folders (their trials) or "
+                                                        "folders of runs."),
+            best_by: Optional[str] = typer.Option(None, "--best-by", help="Keep, for each value of this "
+                                                                          "summary key (e.g. method), its run "
+                                                                          "with the lowest val ppl."),
+            out: Optional[Path] = typer.Option(None, "--out", help="The PNG to write (a .csv / .md table "
+                                                                   "beside it). Default: outputs/compare/"
+                                                                   "compare.png.")):
+    """Put several runs side by side: one table, one picture.
+
+    The table has each run's method, parameters, memory estimate, tokens/s
+    and val ppl; the PNG draws their training loss and validation perplexity
+    against tokens. --best-by method is the fair table of a paper: for each
+    method, its best run over whatever else was swept (e.g. the lr), and
+    which value won.
+    """
+    from .results import compare_runs
+
+    _, path = compare_runs(runs, out=out, key=best_by)
+    typer.echo(f"-> {path}")
+
+
 def main() -> None:
     app()
 

@@ -330,16 +330,17 @@ RESUME_FREE_KEYS = ("train.log_every", "train.eval_every", "train.save_every", "
                     "method_recipes")
 
 
-def _flatten(data, prefix: str = "") -> dict:
+def flatten(data, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1} (empty dicts stay as values)."""
     if isinstance(data, dict) and data:
-        return {k: v for key, value in data.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+        return {k: v for key, value in data.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
     return {prefix[:-1]: data}
 
 
 def config_changes(stored: dict, current: dict, free: Sequence[str] = RESUME_FREE_KEYS) -> List[tuple]:
     """[(dotted key, stored value, current value)] for every key two configs (plain containers, see
     ``to_container``) disagree on, outside ``free`` and their sub-keys."""
-    a, b = _flatten(stored), _flatten(current)
+    a, b = flatten(stored), flatten(current)
     keep = [k for k in sorted(set(a) | set(b)) if not any(k == f or k.startswith(f + ".") for f in free)]
     return [(k, a.get(k), b.get(k)) for k in keep if a.get(k) != b.get(k)]
 

@@ -14,6 +14,8 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from .compose import RESUME_FREE_KEYS, flatten, read_config_file
+from .configs import ConfigError
 from .files import atomic_write, locked
 
 
@@ -260,6 +262,70 @@ def _save_png(fig, ax, path: Path | str, *, xlabel: str, ylabel: str, title: str
     plt.close(fig)
     tmp.replace(path)
     return path
+
+
+# ----------------------------------------------------------------------------------------- compare
+COMPARE_COLUMNS = ["#", "run", "method", "rank", "delta", "params_total", "est_mem_gb", "tokens", "tokens_per_s",
+                   "val_ppl", "status"]
+
+
+def find_runs(paths: Sequence[Path | str]) -> List[Path]:
+    """Run folders (holding summary.json) named by ``paths``: a run folder, a sweep or study folder (its
+    pretrain/ trials) or any folder of run folders. A path with no run in it is a ConfigError."""
+    found: List[Path] = []
+    for path in map(Path, paths):
+        if (path / "summary.json").is_file():
+            runs = [path]
+        else:
+            runs = sorted(p.parent for p in path.glob("pretrain/*/summary.json")) or sorted(
+                p.parent for p in path.glob("*/summary.json"))
+        if not runs:
+            raise ConfigError("RUN_OR_SWEEP", f"no run (a folder with summary.json) in {path}")
+        found += runs
+    return list(dict.fromkeys(p.resolve() for p in found))
+
+
+def best_by(runs: List[Path], summaries: List[dict], key: str) -> Tuple[List[int], List[str]]:
+    """For each value of summary[key] (e.g. each method), the index of its completed run with the lowest val
+    ppl, and a line naming the settings that won among the ones that differ within that group."""
+    groups: Dict[str, List[int]] = {}
+    for i, s in enumerate(summaries):
+        if s.get("status") == "completed" and s.get("val_ppl") is not None:
+            groups.setdefault(str(s.get(key)), []).append(i)
+    keep, notes = [], []
+    for value, members in groups.items():
+        best = min(members, key=lambda i: summaries[i]["val_ppl"])
+        keep.append(best)
+        configs = [flatten(read_config_file(runs[i] / "config.yaml")) for i in members]
+        varied = sorted(k for k in set().union(*configs) if len({repr(c.get(k)) for c in configs}) > 1
+                        and not any(k == f or k.startswith(f + ".") for f in RESUME_FREE_KEYS))
+        won = ", ".join(f"{k}={configs[members.index(best)].get(k)}" for k in varied) or "nothing else varied"
+        notes.append(f"{key}={value}: best of {len(members)} is {runs[best].name} "
+                     f"(val ppl {summaries[best]['val_ppl']:.2f}; {won})")
+    return sorted(keep), notes
+
+
+def compare_runs(paths: Sequence[Path | str], out: Optional[Path] = None, key: Optional[str] = None,
+                 console: Optional[Console] = None) -> Tuple[List[dict], Path]:
+    """`sltrain compare`: the summary rows of several runs side by side and their curves on one PNG."""
+    console = console or make_console()
+    runs = find_runs(paths)
+    summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
+    if key is not None:
+        if not any(key in s for s in summaries):
+            raise ConfigError("--best-by", f"no run has {key!r} in its summary.json (e.g. method, model, rank)")
+        keep, notes = best_by(runs, summaries, key)
+        runs, summaries = [runs[i] for i in keep], [summaries[i] for i in keep]
+        for note in notes:
+            console.print(note, highlight=False)
+    rows = [{"#": i + 1, **summary_row(s), "run": r.name, "tokens_per_s": s.get("tokens_per_s")}
+            for i, (r, s) in enumerate(zip(runs, summaries))]
+    print_table(frame(rows), title="compare", columns=COMPARE_COLUMNS, console=console)
+    out = Path(out) if out is not None else Path("outputs") / "compare" / "compare.png"
+    write_table(frame(rows), out.with_suffix(""), columns=COMPARE_COLUMNS)
+    plot_run_curves({f"{i + 1}: {s.get('method')}": r for i, (r, s) in enumerate(zip(runs, summaries))}, out,
+                    title="validation perplexity (dashed) and training loss (solid)")
+    return rows, out
 
 
 class TrainProgress:

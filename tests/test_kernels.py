@@ -223,8 +223,8 @@ def _pretrain(*args):
 
 
 def _rows(run_dir):
-    timing = ("tokens_per_s", "elapsed_s")
-    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+    keep = ("step", "tokens", "loss", "lr", "grad_norm", "val_loss", "val_ppl")  # not timings, not memory
+    return [{k: v for k, v in json.loads(line).items() if k in keep}
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
