@@ -62,6 +62,7 @@ class RunSummary(TypedDict, total=False):
     device_name: str
     device_count: int
     hostname: str
+    pid: int  # of the process that trained (rank 0)
     argv: List[str]
     start_time: str
     end_time: str

@@ -63,7 +63,7 @@ def run_metadata(device: torch.device, world_size: int) -> Dict[str, Any]:
         "bitsandbytes": _version("bitsandbytes"), "transformers": _version("transformers"),
         "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
         "device_count": torch.cuda.device_count() if cuda else 1, "world_size": world_size,
-        "hostname": socket.gethostname(), "argv": list(sys.argv),
+        "hostname": socket.gethostname(), "pid": os.getpid(), "argv": list(sys.argv),
         "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
