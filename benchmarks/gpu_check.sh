@@ -4,8 +4,11 @@
 # It uses the machine's own python3 and CUDA torch (PY=... to choose another) with this checkout on
 # PYTHONPATH; packages that machine lacks (hydra-core, typer, ... see the device tool's README) must travel
 # as wheels. Never `pip install` the project there: an unpinned torch would replace the CUDA build.
-# CUDA tests, a short bf16-pure pretrain on the GPU + eval-ppl, the layer benchmark on CUDA, and measured
-# vs estimated memory for 350m. Outputs go under ${OUT:-outputs/gpu_check}.
+# CUDA tests, a short bf16-pure pretrain on the GPU + eval-ppl, the layer benchmark on CUDA (compose / factored /
+# auto vs dense, fp32 and bf16), the whole-step benchmark on CUDA (fp32 and bf16 autocast), and measured vs
+# estimated memory for 350m. Outputs go under ${OUT:-outputs/gpu_check}. The kernel lines (issue 14) add about
+# 5 minutes; the factored kernel's CUDA cost-model constants (core/sparse_kernels.py _COST["cuda"]) are guesses
+# until bench_layer_cuda_*.txt says otherwise.
 set -uo pipefail
 OUT=${OUT:-outputs/gpu_check}
 mkdir -p "$OUT"
@@ -14,11 +17,15 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" SLTRAIN_CONF_DIR="$PWD/conf"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 $PY -c "import torch; print(torch.__version__, torch.cuda.is_available(), torch.cuda.get_device_name(0))" | tee "$OUT/torch.txt"
 timeout 180 $PY -m pytest -q -rs tests/test_sparse_lowrank.py tests/test_convert.py tests/test_model.py 2>&1 | tail -5 | tee "$OUT/tests.txt"
+timeout 120 $PY -m pytest -q -rs -m gpu tests/test_kernels.py tests/test_chunked_loss.py 2>&1 | tail -5 | tee -a "$OUT/tests.txt"
 timeout 180 $PY -m sltrain_cli pretrain --quiet model=llama_60m rank=128 steps=60 train.device=cuda \
   train.precision=bf16-pure train.total_batch_size=32 train.micro_batch_size=32 out_dir="$OUT/runs" \
   run_name=cuda 2>&1 | tail -20 | tee "$OUT/pretrain.txt"
 timeout 60 $PY -m sltrain_cli eval-ppl "$OUT/runs/pretrain/cuda" 2>&1 | tail -2 | tee -a "$OUT/pretrain.txt"
-timeout 180 $PY benchmarks/bench_layer.py --device cuda --repeats 20 --warmup 3 2>&1 | tee "$OUT/bench_layer.txt"
+for dt in fp32 bf16; do
+  timeout 240 $PY benchmarks/bench_layer.py --device cuda --dtypes $dt --repeats 20 --warmup 3 2>&1 | tee "$OUT/bench_layer_cuda_$dt.txt"
+  timeout 150 $PY benchmarks/bench_step.py --device cuda --dtype $dt --repeats 10 --warmup 2 2>&1 | tee "$OUT/bench_step_cuda_$dt.txt"
+done
 timeout 150 $PY -m sltrain_cli memory-estimate --size 350m --method all --measure --device cuda --format md \
   2>&1 | tee "$OUT/memory_350m.md"
 timeout 150 $PY -m sltrain_cli memory-estimate --size 350m --method all --measure --device cuda \

@@ -99,6 +99,15 @@ def test_fsdp_matches_one_process_and_resumes(tmp_path, cache_dir):
     a, b = _final_weights(one, base), _final_weights(fsdp, base)
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-4), k
+    # the sharded run exports (consolidated) to the weights of its one-process twin
+    from safetensors.torch import load_file
+
+    from sltrain_cli.export import export_run
+
+    ea, eb = (load_file(str(export_run(run) / "model.safetensors")) for run in (one, fsdp))
+    assert ea.keys() == eb.keys()
+    for k in ea:
+        assert torch.allclose(ea[k], eb[k], atol=1e-4), k
     # resume from the sharded step-4 checkpoint
     part = tmp_path / "pretrain" / "fsdp_part"
     shutil.copytree(fsdp, part)

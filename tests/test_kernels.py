@@ -269,3 +269,19 @@ def test_factored_and_compose_runs_agree_and_auto_resumes_with_the_same_kernels(
     result = CliRunner().invoke(app, ["eval-ppl", str(auto)])
     assert result.exit_code == 0, result.output
     assert json.loads((auto / "eval" / "sotu.json").read_text())["val_ppl"] == _summary(auto)["val_ppl"]
+
+
+# ----------------------------------------------------------------------------------------- CUDA (a lent GPU)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernels_match_reference(kernel, dtype):
+    layer = _layer(256, 192, rank=16, delta=0.03, kernel=kernel, index_dtype=torch.int32).cuda().to(dtype)
+    x = torch.randn(4, 64, 256, device="cuda", dtype=dtype)
+    got = _run(layer, x, layer)
+    want = _run(layer, x, lambda t: _reference(layer, t))
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.03, atol=0.03)
+    _assert_same(got, want, **tol)
+    assert layer._csr._plan is None or layer._csr._plan.device.type == "cuda"
+    assert choose_kernels(torch.nn.Sequential(_layer(kernel="auto").cuda()), 512, dtype, "cuda")

@@ -1,4 +1,5 @@
-"""SparseLowRankLinear, its autograd Function, support sampling, and LowRankLinear."""
+"""SparseLowRankLinear, its autograd Function, support sampling, and LowRankLinear (the kernels side by side, and
+the factored kernel's own checks, are in test_kernels.py)."""
 import io
 import math
 
@@ -78,7 +79,8 @@ def test_gradcheck_float64(rank, delta):
 
 def test_forward_saves_no_dense_weight():
     n_in, n_out, tokens = 64, 96, 8
-    layer = _randomize(SparseLowRankLinear(n_in, n_out, rank=8, delta=0.05, alpha=16.0, bias=True, support_seed=0))
+    layer = _randomize(SparseLowRankLinear(n_in, n_out, rank=8, delta=0.05, alpha=16.0, bias=True, support_seed=0,
+                                           kernel="compose"))  # factored's saved set: test_kernels.py
     x = torch.randn(2, tokens, n_in, requires_grad=True)
     saved = []
 
