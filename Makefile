@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup run test test-fast lint bench clean
+.PHONY: setup run test test-fast lint bench wheel clean
 
 $(BIN)/sltrain: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,5 +31,9 @@ bench: setup
 	$(BIN)/python benchmarks/bench_layer.py
 	$(BIN)/python benchmarks/bench_methods.py
 
+# dist/sltrain-*.whl, conf/ inside it (sltrain_cli/conf): `pip install dist/sltrain-*.whl` works anywhere
+wheel: setup
+	$(BIN)/pip wheel -q . --no-deps --no-build-isolation -w dist
+
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache build dist

@@ -1,18 +1,21 @@
-"""`sltrain list`: the shipped config options of each group, one row each, with their one-line description (the
-first sentence of the YAML's first comment line) and the values that tell them apart.
+"""What the shipped configs hold and what a run uses: the rows of `sltrain list`, the config-group lines of
+the commands' --help, and the printed pretrain summary (rank / delta only where the method uses them).
 
     group_rows("models") -> [{"option": "llama_130m", "description": "LLaMA 130m (...)", "hidden": 768, ...}, ...]
 
-Rows come from the option's own YAML over its dataclass defaults, without composing or checking (data=local is
-listed although it needs data.path); experiment presets are composed, since they set several groups at once.
+A row is the option's name, its one-line description (the first sentence of the YAML's first comment line)
+and the values that tell the options apart: the option's YAML over its dataclass defaults, without composing
+or checking (data=local is listed although it needs data.path); experiment presets are composed, since they
+set several groups at once.
 """
 from __future__ import annotations
 
 import dataclasses
 from enum import Enum
-from typing import Dict, List
+from textwrap import wrap
+from typing import Dict, List, Optional
 
-from .compose import METHOD_KEYS, conf_dir, group_options, load_config, option_values
+from .compose import GROUPS, METHOD_KEYS, conf_dir, group_options, load_config, option_values
 from .configs import DataConfig, MethodConfig, ModelConfig, OptimConfig, TrainConfig, UserError
 
 # what users type -> conf/ folder; singular names work too
@@ -82,3 +85,41 @@ def group_rows(name: str) -> List[dict]:
     """One row per option of a config group (see the module docstring)."""
     group = resolve_group(name)
     return [_row(group, option) for option in group_options(group)]
+
+
+# ------------------------------------------------------------------------------ for the CLI
+def groups_text(groups: Optional[List[str]] = None) -> str:
+    """'Config groups ...' and one wrapped line per group with its option names, for a command's --help."""
+    lines = ["Config groups (group=option; sltrain list GROUP describes each option):"]
+    for group in groups or GROUPS:
+        try:
+            names = ", ".join(group_options(group))
+        except UserError as err:  # no conf/ found: say so instead of failing the help
+            return str(err)
+        lines += wrap(names, 74, initial_indent=f"  {group:<11} ", subsequent_indent=" " * 14)
+    return "\n".join(lines)
+
+
+PEAK_KINDS = {"cuda_max_memory_allocated": "CUDA max allocated", "cpu_peak_rss": "process peak RSS"}
+
+
+def without_unused(row: dict) -> dict:
+    """rank / delta blanked (None) where the row's method does not use them (full: neither, sparse: no rank)."""
+    used = METHOD_KEYS.get(row.get("method"), ("rank", "delta"))
+    return {k: (None if k in ("rank", "delta") and k not in used else v) for k, v in row.items()}
+
+
+def summary_view(summary: dict) -> dict:
+    """The printed pretrain summary: rank / delta only where the method uses them, the vocabulary the
+    tokenizer gave the model, memory in GB with what each figure covers."""
+    view = {k: summary.get(k) for k in ("run", "model", "method", "rank", "delta")}
+    view = {k: v for k, v in without_unused(view).items() if v is not None or k not in ("rank", "delta")}
+    peak = summary.get("peak_mem_bytes")
+    kind = PEAK_KINDS.get(summary.get("peak_mem_kind"), summary.get("peak_mem_kind") or "peak")
+    view.update({"vocab_size (tokenizer)": summary.get("vocab_size"),
+                 **{k: summary.get(k) for k in ("params_total", "params_trainable", "tokens", "val_ppl",
+                                                "tokens_per_s")},
+                 f"memory GB, measured ({kind})": round(peak / 1e9, 3) if peak else None,
+                 "memory GB, estimate (params + Adam states, bf16)": summary.get("est_mem_gb"),
+                 "status": summary.get("status")})
+    return view

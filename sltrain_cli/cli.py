@@ -23,22 +23,6 @@ OVERRIDES_HELP = ("Hydra overrides: group=option (model=llama_60m) or key=value 
                   "data.path=docs/*.txt). Aliases: rank, delta, alpha, lr, steps, seed.")
 
 
-def _groups_text(groups: Optional[List[str]] = None) -> str:
-    """'Config groups ...' and one wrapped line per group with its option names, for a command's --help."""
-    from textwrap import wrap
-
-    from .compose import GROUPS, group_options
-
-    lines = ["Config groups (group=option; sltrain list GROUP describes each option):"]
-    for group in groups or GROUPS:
-        try:
-            names = ", ".join(group_options(group))
-        except UserError as err:  # no conf/ found: say so instead of failing the help
-            return str(err)
-        lines += wrap(names, 74, initial_indent=f"  {group:<11} ", subsequent_indent=" " * 14)
-    return "\n".join(lines)
-
-
 class GroupsHelp(TyperCommand):
     """A command whose help holds ``{groups}`` (every config group) or ``{groups:data}`` (one group): the option
     names are read from conf/ when the help is shown, not at import."""
@@ -46,9 +30,11 @@ class GroupsHelp(TyperCommand):
     def format_help(self, ctx, formatter):
         import re
 
+        from .catalog import groups_text
+
         if self.help:
             self.help = re.sub(r"\{groups(?::(\w+))?\}",
-                               lambda m: _groups_text([m.group(1)] if m.group(1) else None), self.help)
+                               lambda m: groups_text([m.group(1)] if m.group(1) else None), self.help)
         return super().format_help(ctx, formatter)
 
 
@@ -82,10 +68,10 @@ def _user_errors(fn):
             return fn(*args, **kwargs)
         except UserError as err:
             typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -125,6 +111,7 @@ def pretrain(overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDE
     Every key, its default and its help: sltrain pretrain --print-config
     (add overrides to see their effect; keys the method ignores are marked).
     """
+    from .catalog import summary_view, without_unused
     from .compose import load_config, to_yaml
     from .results import print_record, summary_row, upsert_row
     from .train import train
@@ -138,10 +125,10 @@ def pretrain(overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDE
     summary = train(cfg, run_dir, overrides, progress=not quiet)
     if not _is_main():
         return
-    row = _without_unused(summary_row(summary))
+    row = without_unused(summary_row(summary))
     if not summary.get("skipped"):
         upsert_row(run_dir.parent / "results.csv", row)
-    print_record(_summary_view(summary), title=f"pretrain -> {run_dir}")
+    print_record(summary_view(summary), title=f"pretrain -> {run_dir}")
     if summary.get("val_ppl") is not None:
         typer.echo(f"validation perplexity {summary['val_ppl']:.2f} on {summary['val_tokens']:,} tokens "
                    f"(unigram baseline of this corpus: {summary['unigram_ppl']:.2f})")
@@ -155,33 +142,6 @@ def pretrain(overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDE
                    f"checkpoint is {summary.get('last_checkpoint') or 'none'}. Lower the learning rate (lr=) or "
                    "enable clipping (optim.grad_clip=1.0) and start over with train.overwrite=true", err=True)
         raise typer.Exit(3)
-
-
-PEAK_KINDS = {"cuda_max_memory_allocated": "CUDA max allocated", "cpu_peak_rss": "process peak RSS"}
-
-
-def _without_unused(row: dict) -> dict:
-    """rank / delta blanked (None) where the row's method does not use them (full: neither, sparse: no rank)."""
-    from .compose import METHOD_KEYS
-
-    used = METHOD_KEYS.get(row.get("method"), ("rank", "delta"))
-    return {k: (None if k in ("rank", "delta") and k not in used else v) for k, v in row.items()}
-
-
-def _summary_view(summary: dict) -> dict:
-    """The printed pretrain summary: rank / delta only where the method uses them, the vocabulary the
-    tokenizer gave the model, memory in GB with what each figure covers."""
-    view = {k: summary.get(k) for k in ("run", "model", "method", "rank", "delta")}
-    view = {k: v for k, v in _without_unused(view).items() if v is not None or k not in ("rank", "delta")}
-    peak = summary.get("peak_mem_bytes")
-    kind = PEAK_KINDS.get(summary.get("peak_mem_kind"), summary.get("peak_mem_kind") or "peak")
-    view.update({"vocab_size (tokenizer)": summary.get("vocab_size"),
-                 **{k: summary.get(k) for k in ("params_total", "params_trainable", "tokens", "val_ppl",
-                                                "tokens_per_s")},
-                 f"memory GB, measured ({kind})": round(peak / 1e9, 3) if peak else None,
-                 "memory GB, estimate (params + Adam states, bf16)": summary.get("est_mem_gb"),
-                 "status": summary.get("status")})
-    return view
 
 
 @app.command("eval-ppl", cls=GroupsHelp)
@@ -270,10 +230,12 @@ def memory_estimate(size: str = typer.Option("60m", "--size", help="60m, 130m, 3
                                                                    "(below)."),
                     method: str = typer.Option("all", "--method", help="all, full, lowrank, sltrain, sparse, "
                                                                        "relora or galore."),
-                    rank: Optional[int] = typer.Option(None, "--rank", help="Default: the paper's recipe for the size."),
+                    rank: Optional[int] = typer.Option(None, "--rank", help="Default: the paper's recipe for "
+                                                                            "the size."),
                     delta: Optional[float] = typer.Option(None, "--delta", help="Default: the paper's recipe."),
                     optimizer: str = typer.Option("adam", "--optimizer", help="adam | adam8bit"),
-                    layerwise: bool = typer.Option(False, "--layerwise", help="Per-parameter updates: no full gradients."),
+                    layerwise: bool = typer.Option(False, "--layerwise", help="Per-parameter updates: no full "
+                                                                              "gradients."),
                     index_dtype: str = typer.Option("int64", "--index-dtype", help="int64 (paper) | int32"),
                     batch_size: int = typer.Option(1, "--batch-size", help="Sequences, for activations."),
                     seq_len: int = typer.Option(256, "--seq-len"),
@@ -294,9 +256,9 @@ def memory_estimate(size: str = typer.Option("60m", "--size", help="60m, 130m, 3
 
     {groups:model}
     """
+    from .files import atomic_write
     from .memory import memory_rows
     from .results import markdown, print_table, to_frame
-    from .files import atomic_write
 
     rows = memory_rows(size, method, rank=rank, delta=delta, optimizer=optimizer, layerwise=layerwise,
                        index_dtype=index_dtype, batch_size=batch_size, seq_len=seq_len,
@@ -322,7 +284,9 @@ def memory_estimate(size: str = typer.Option("60m", "--size", help="60m, 130m, 3
 
 def _memory_display(row: dict) -> dict:
     """A narrow view of one memory_rows() row for the terminal (all fields stay in csv/json/md)."""
-    row = _without_unused(row)
+    from .catalog import without_unused
+
+    row = without_unused(row)
     out = {"method": row["method"], "rank": row.get("rank"), "delta": row.get("delta"),
            "params M": round(row["params_total"] / 1e6, 2), "trainable M": round(row["params_trainable"] / 1e6, 2),
            "param GB": row["param_mem_gb"], "optim GB": row["optimizer_mem_gb"], "paper GB": row["total_mem_gb"],

@@ -306,11 +306,8 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
                 t0 = time.perf_counter()
                 loss_sum, grad_norm = train_step(wrapped, *train_stream.next_batch(), accum, params, optimizer,
                                                  scheduler, cfg.optim.grad_clip, device, autocast)
-                if mcfg.name == MethodName.relora and (step + 1) % mcfg.merge_every == 0 and step + 1 < tcfg.steps:
-                    # the same generator on every rank: re-initialised adapters and pruning masks agree
-                    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-                    adapters = relora.merge_all(model, generator=gen)
-                    relora.reset_optimizer_state(optimizer, adapters, mcfg.reset, mcfg.reset_ratio, generator=gen)
+                if mcfg.name == MethodName.relora:  # after the lr-0 update k * merge_every, as the reference
+                    relora.merge_after_update(model, optimizer, mcfg, step, tcfg.steps, cfg.seed, device)
                 state.train_time += time.perf_counter() - t0
                 state.tokens += tokens_per_step
                 bad = not bool(torch.isfinite(loss_sum)) or (grad_norm is not None and not math.isfinite(grad_norm))

@@ -14,8 +14,8 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from sltrain_cli.catalog import description, group_rows
-from sltrain_cli.cli import _summary_view, _without_unused, app
+from sltrain_cli.catalog import description, group_rows, summary_view, without_unused
+from sltrain_cli.cli import app
 from sltrain_cli.compose import (
     GROUPS,
     METHOD_KEYS,
@@ -219,13 +219,13 @@ SUMMARY = {"run": "r", "model": "tiny", "method": "full", "rank": 128, "delta": 
 @pytest.mark.parametrize("method,shown", [("full", set()), ("sparse", {"delta"}), ("galore", {"rank"}),
                                           ("sltrain", {"rank", "delta"})])
 def test_summary_shows_rank_delta_only_where_used(method, shown):
-    view = _summary_view({**SUMMARY, "method": method})
+    view = summary_view({**SUMMARY, "method": method})
     assert {"rank", "delta"} & set(view) == shown
     assert view["vocab_size (tokenizer)"] == 512
     assert view["memory GB, measured (process peak RSS)"] == 0.563
     assert view["memory GB, estimate (params + Adam states, bf16)"] == 0.0014
     assert not [k for k in view if "bytes" in k]  # one unit
-    row = _without_unused({"method": method, "rank": 128, "delta": 0.03})
+    row = without_unused({"method": method, "rank": 128, "delta": 0.03})
     assert {k for k in ("rank", "delta") if row[k] is not None} == shown
 
 

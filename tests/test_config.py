@@ -64,6 +64,7 @@ def test_aliases_and_grid():
     ("method.delta=1.5", "method.delta"),
     ("method.rank=-1", "method.rank"),
     ("model=nonexistent", "model"),
+    ("experiment=paper_60", "experiment"),  # an optional group: Hydra alone would train the defaults
     ("method.nonexistent_key=3", "method.nonexistent_key"),
     ("train.precision=fp8", "train.precision"),
     ("optim.lr=abc", "optim.lr"),

@@ -43,6 +43,19 @@ def _close(a, b, tol=1e-5):
             assert (x is None) == (y is None) and (x is None or abs(x - y) <= tol), (a, b)
 
 
+def _lines_up_to(run_dir, step):
+    return [line for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["step"] <= step]
+
+
+def _assert_resumed(proc, uninterrupted, resumed, ckpt_name, step):
+    """A resume, not a restart: the resumed process says where it started, and the metrics rows up to that step are
+    the first run's bytes (their timings included: a restart would have measured new ones)."""
+    assert f"{ckpt_name} at step {step}" in proc.stdout, proc.stdout[-2000:]
+    kept = _lines_up_to(uninterrupted, step)
+    assert kept and _lines_up_to(resumed, step) == kept
+
+
 def _final_weights(run_dir, overrides):
     """The run's latest weights, loaded the way every command loads a run (sharded or not)."""
     return load_run(run_dir).model.state_dict()
@@ -68,7 +81,8 @@ def test_ddp_resume_continues_identically(tmp_path, cache_dir):
     shutil.copytree(full, part)
     (part / "checkpoints" / "step_000008.pt").unlink()
     (part / "checkpoints" / LATEST).write_text("step_000004.pt\n")
-    _run(tmp_path, 2, "rank=8", "run_name=part", "train.resume=true")
+    proc = _run(tmp_path, 2, "rank=8", "run_name=part", "train.resume=true")
+    _assert_resumed(proc, full, part, "step_000004.pt", 4)
     _close(_losses(full), _losses(part), tol=0.0)
 
 
@@ -113,7 +127,9 @@ def test_fsdp_matches_one_process_and_resumes(tmp_path, cache_dir):
     shutil.copytree(fsdp, part)
     shutil.rmtree(part / "checkpoints" / "step_000008")
     (part / "checkpoints" / LATEST).write_text("step_000004\n")
-    _run(tmp_path, 2, *ov, "run_name=fsdp_part", "train.resume=true")
+    proc = _run(tmp_path, 2, *ov, "run_name=fsdp_part", "train.resume=true")
+    # the sharded folder was loaded (not a restart), and the steps after it are the uninterrupted run's
+    _assert_resumed(proc, fsdp, part, "step_000004", 4)
     _close(_losses(fsdp), _losses(part), tol=1e-6)
 
 

@@ -110,13 +110,14 @@ def _ref_8bit_fixed(opt):
     return opt
 
 
-def _compare(eight_bit, shape, rank, steps=10, gap=3, lr=1e-2, wd=0.1, plain_shape=(3, 7), monkeypatch=None):
+def _compare(eight_bit, shape, rank, steps=10, gap=3, lr=1e-2, wd=0.1, plain_shape=(3, 7), monkeypatch=None,
+             device="cpu"):
     """Our optimizer and galore-torch's on the same fixed gradient sequence: one projected matrix and one plain
     tensor (bias-like), projector refreshed at steps 0, 3, 6, 9. Returns (ours, reference) tensors + the move."""
     Ref = _reference(eight_bit)
     torch.manual_seed(0)
-    W0, X0 = torch.randn(shape), torch.randn(plain_shape)
-    grads = [(torch.randn(shape), torch.randn(plain_shape)) for _ in range(steps)]
+    W0, X0 = torch.randn(shape).to(device), torch.randn(plain_shape).to(device)
+    grads = [(torch.randn(shape).to(device), torch.randn(plain_shape).to(device)) for _ in range(steps)]
     w, x = nn.Parameter(W0.clone()), nn.Parameter(X0.clone())
     rw, rx = nn.Parameter(W0.clone()), nn.Parameter(X0.clone())
     galore = {"rank": rank, "update_proj_gap": gap, "scale": SCALE}
@@ -126,7 +127,8 @@ def _compare(eight_bit, shape, rank, steps=10, gap=3, lr=1e-2, wd=0.1, plain_sha
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if eight_bit:
-            monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)  # galore-torch calls it on CPU
+            if device == "cpu":
+                monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)  # galore-torch calls it
             ref = _ref_8bit_fixed(Ref(ref_groups, **kw))
             ours = GaLoreAdamW8bit(ours_groups, **kw, blocksize=BNB_BLOCKSIZE, min_8bit_size=BNB_MIN_8BIT_SIZE)
         else:
@@ -172,6 +174,22 @@ def test_8bit_matches_galore_torch_8bit(kind, shape, rank, monkeypatch):
     if eight:
         assert st["absmax1"].shape == (-(-st["state1"].numel() // BNB_BLOCKSIZE),)
         assert st["qmap1"] is opt.state[ours[1]]["qmap1"]  # one shared map pair per optimizer
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("eight_bit", [False, True])
+@pytest.mark.parametrize("shape,rank", [((384, 640), 8), ((640, 384), 8), ((512, 512), 8), ((24, 40), 4)])
+def test_matches_galore_torch_on_cuda(eight_bit, shape, rank, monkeypatch):
+    """bitsandbytes' CUDA kernels (fused 8-bit blockwise update) and cuSOLVER's SVD, on both sides."""
+    if eight_bit:
+        pytest.importorskip("bitsandbytes")
+    ours, ref, move, opt = _compare(eight_bit, shape, rank, plain_shape=(80, 64), monkeypatch=monkeypatch,
+                                    device="cuda")
+    assert ours[0].is_cuda and move > 1e-3
+    _assert_tight(ours, ref, move)
+    if eight_bit and rank * max(shape) >= BNB_MIN_8BIT_SIZE:
+        assert opt.state[ours[0]]["state1"].dtype == torch.uint8 and opt.state[ours[0]]["qmap1"].is_cuda
 
 
 def test_plain_group_matches_bitsandbytes_adamw8bit():

@@ -316,3 +316,67 @@ def test_memory_rows_measure_refused_keeps_row(monkeypatch):
     rows = memory_rows("tiny", "galore", 8, None, "adam8bit", False, "int64", 1, 32, False, True, "cpu")
     assert rows[0]["measured_gb"] is None and "galore" in rows[0]["measure_error"]
     assert rows[0]["full_total_gb"] > 0
+
+
+# ----------------------------------------------------------------------------- through the CLI
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from sltrain_cli.cli import app
+
+    return CliRunner().invoke(app, ["memory-estimate", *args])
+
+
+def test_memory_estimate_cli_formats_and_out(tmp_path):
+    import io
+    import json
+
+    import pandas as pd
+
+    result = _cli("--size", "60m", "--format", "json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["method"] for r in rows] == ["full", "lowrank", "relora", "galore", "sltrain", "sparse"]
+    by_method = {r["method"]: r for r in rows}
+    for method, sizes in PAPER_TABLE.items():  # the paper's numbers, through the command line
+        params_m, mem_g = sizes["60m"]
+        assert by_method[method]["params_total"] / 1e6 == pytest.approx(params_m, abs=0.05), method
+        assert by_method[method]["total_mem_gb"] == pytest.approx(mem_g, abs=0.0015), method
+        assert by_method[method]["size"] == "60m"
+
+    csv = _cli("--size", "60m", "--format", "csv")
+    assert csv.exit_code == 0, csv.output
+    df = pd.read_csv(io.StringIO(csv.stdout))
+    assert df["method"].tolist() == [r["method"] for r in rows]
+    assert df["params_total"].tolist() == [r["params_total"] for r in rows]
+    assert df["total_mem_gb"].tolist() == pytest.approx([r["total_mem_gb"] for r in rows])
+
+    md = _cli("--size", "60m", "--format", "md")
+    assert md.exit_code == 0, md.output
+    lines = [line for line in md.stdout.splitlines() if line.startswith("|")]
+    assert lines[0].split("|")[1].strip() == "method" and set(lines[1]) <= set("|-: ")
+    assert [line.split("|")[1].strip() for line in lines[2:]] == [r["method"] for r in rows]
+
+    # --size picks the model, --method one row; --out writes the table in the format its suffix names
+    for suffix in ("json", "csv", "md"):
+        out = tmp_path / f"mem.{suffix}"
+        one = _cli("--size", "7b", "--method", "sltrain", "--format", "json", "--out", str(out))
+        assert one.exit_code == 0, one.output
+        (row,) = json.loads(one.stdout)
+        assert row["method"] == "sltrain" and row["size"] == "7b" and row["params_total"] > 50 * rows[4]["params_total"]
+        text = out.read_text()
+        if suffix == "json":
+            assert json.loads(text) == [row]
+        elif suffix == "csv":
+            assert pd.read_csv(out)["params_total"].tolist() == [row["params_total"]]
+        else:
+            assert text.startswith("| method |") and f"{row['params_total']:,}" in text
+
+
+@pytest.mark.parametrize("args, key", [(["--method", "dense"], "--method"), (["--size", "huge"], "--size"),
+                                       (["--format", "xml"], "--format")])
+def test_memory_estimate_cli_bad_input_exits_2(tmp_path, args, key):
+    result = _cli(*args, "--out", str(tmp_path / "t.csv"))
+    assert result.exit_code == 2, result.output
+    assert key in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "t.csv").exists()

@@ -98,17 +98,65 @@ def _restart_from_step(src: Path, dst: Path, step: int):
     (dst / "summary.json").unlink()
 
 
-def test_resume_is_bitwise_identical(tiny_run):
+def _count_train_steps(monkeypatch) -> dict:
+    """Count the loop's train_step calls in this process (a resumed run makes only the remaining ones)."""
+    import sltrain_cli.train as train_mod
+
+    calls, real = {"n": 0}, train_mod.train_step
+
+    def train_step(*a, **kw):
+        calls["n"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train_mod, "train_step", train_step)
+    return calls
+
+
+def _lines_up_to(run_dir: Path, step: int):
+    return [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+
+
+def test_resume_is_bitwise_identical(tiny_run, monkeypatch):
     run_dir, args, _ = tiny_run
     resumed = run_dir.parent / "resumed"
     _restart_from_step(run_dir, resumed, 4)
-    _pretrain(*[a for a in args if not a.startswith("run_name")], "run_name=resumed", "train.resume=true")
-    timing = ("tokens_per_s", "elapsed_s")
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    calls = _count_train_steps(monkeypatch)
+    result = _pretrain(*[a for a in args if not a.startswith("run_name")], "run_name=resumed", "train.resume=true")
+    # a resume, not a restart: only steps 5-8 run, and the rows up to the checkpoint are the first run's bytes
+    # (their timings included: a restart would have measured new ones)
+    assert calls["n"] == 4 and "step_000004.pt at step 4" in result.output
+    assert _lines_up_to(resumed, 4) == _lines_up_to(run_dir, 4) and len(_lines_up_to(run_dir, 4)) == 3
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["tokens"] == json.loads((run_dir / "summary.json").read_text())["tokens"]
+    measured = lambda k: k in ("tokens_per_s", "elapsed_s") or k.endswith("_bytes")  # noqa: E731 - timings, memory
+    strip = lambda rows: [{k: v for k, v in r.items() if not measured(k)} for r in rows]  # noqa: E731
     assert strip(_metric_rows(resumed)) == strip(_metric_rows(run_dir))
     a = load_checkpoint(run_dir / "checkpoints" / "step_000008.pt")["model"]
     b = load_checkpoint(resumed / "checkpoints" / "step_000008.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_edited_checkpoint_changes_the_resumed_run(tiny_run, monkeypatch):
+    """The resumed run continues from what the checkpoint holds: a weight edited in the step-4 checkpoint gives other
+    losses from step 5 on and other final weights (a restart, which ignores the checkpoint, would not)."""
+    run_dir, args, _ = tiny_run
+    edited = run_dir.parent / "edited"
+    _restart_from_step(run_dir, edited, 4)
+    path = edited / "checkpoints" / "step_000004.pt"
+    state = load_checkpoint(path)
+    state["model"]["layers.0.mlp.down.values"] = state["model"]["layers.0.mlp.down.values"] * 4.0
+    torch.save(state, path)
+    calls = _count_train_steps(monkeypatch)
+    _pretrain(*[a for a in args if not a.startswith("run_name")], "run_name=edited", "train.resume=true")
+    assert calls["n"] == 4
+    base = {r["step"]: r for r in _metric_rows(run_dir) if "loss" in r}
+    mine = {r["step"]: r for r in _metric_rows(edited) if "loss" in r}
+    assert mine[2] == base[2] and mine[4] == base[4]  # kept rows
+    assert mine[6]["loss"] != base[6]["loss"] and mine[8]["loss"] != base[8]["loss"]
+    a = load_checkpoint(run_dir / "checkpoints" / "step_000008.pt")["model"]
+    b = load_checkpoint(edited / "checkpoints" / "step_000008.pt")["model"]
+    assert not torch.equal(a["layers.0.mlp.down.values"], b["layers.0.mlp.down.values"])
+    assert not torch.equal(a["lm_head.weight"], b["lm_head.weight"])  # the edit travelled through training
 
 
 def test_ctrl_c_saves_and_marks_interrupted(tiny_run, monkeypatch):
@@ -144,11 +192,73 @@ def test_ctrl_c_saves_and_marks_interrupted(tiny_run, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _documents(n=9, seed=0):
+    """Documents of very different lengths (one word to ~120 words), a few hundred tokens in all."""
+    import random
+
+    words = ("the state of the union is strong and the people of this nation are at work congress shall "
+             "make laws for peace war trade taxes schools roads justice liberty").split()
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(k)).capitalize() + "."
+            for k in ([1, 120, 7, 64, 33, 2, 90, 15, 48] * 3)[:n]]
+
+
+def _hand_ppl(model, rows):
+    """Per-token cross-entropy written out: float64 log-softmax of the logits at positions 0..T-2 against the
+    labels at 1..T-1, pad (-100) ignored; summed over every row, divided by the number of real targets."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for ids, labels in rows:
+            logp = torch.log_softmax(model(ids).logits.double()[:, :-1], dim=-1)
+            target = labels[:, 1:]
+            real = target != -100
+            nll -= float(logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)[real].sum())
+            count += int(real.sum())
+    return nll / count, count
+
+
 def test_eval_ppl_on_a_local_file_uses_all_of_it(tiny_run, tmp_path):
+    """eval-ppl data=local scores every token of the file, and its number is the hand-written perplexity of rows
+    built here from the tokenizer's own ids: packed (documents + EOS cut into rows, the remainder dropped) and
+    padded (one document per row, its first seq_len - 1 tokens + EOS, pad ignored)."""
+    from sltrain_cli.evaluate import evaluate_ppl
+    from sltrain_cli.runs import load_run
+
     run_dir, _, _ = tiny_run
-    text = "The state of the union is strong, and the people of this nation are at work. " * 60
-    (tmp_path / "speech.txt").write_text(text)
-    result = runner.invoke(app, ["eval-ppl", str(run_dir), "data=local", f"data.path={tmp_path / 'speech.txt'}"])
-    assert result.exit_code == 0, result.output
-    out = json.loads((run_dir / "eval" / "local_speech.json").read_text())
-    assert out["split"] == "all" and out["tokens"] > 0 and math.isfinite(out["val_ppl"])
+    docs = _documents()
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    run = load_run(run_dir)
+    tok, seq = run.tokenizer, run.cfg.data.seq_len
+    encoded = [tok.encode(d) for d in docs]
+    assert min(map(len, encoded)) <= 8 and max(map(len, encoded)) > seq  # short and truncated documents
+
+    stream = torch.tensor([t for ids in encoded for t in [*ids, tok.eos_id]])
+    n_rows = stream.numel() // seq
+    packed = stream[: n_rows * seq].view(n_rows, seq)
+    padded_ids = torch.full((len(docs), seq), tok.pad_id)
+    padded_labels = torch.full((len(docs), seq), -100)
+    for i, ids in enumerate(encoded):
+        row = torch.tensor([*ids[: seq - 1], tok.eos_id])
+        padded_ids[i, : row.numel()] = row
+        padded_labels[i, : row.numel()] = row
+    cases = {
+        # every document's tokens + its EOS, minus the first token of each row (it has no prediction)
+        "true": (n_rows * (seq - 1), [(packed[i:i + 3], packed[i:i + 3]) for i in range(0, n_rows, 3)]),
+        # each document's first seq_len - 1 tokens (the EOS is predicted, its first token is not)
+        "false": (sum(min(len(ids), seq - 1) for ids in encoded),
+                  [(padded_ids[i:i + 4], padded_labels[i:i + 4]) for i in range(0, len(docs), 4)]),
+    }
+    assert n_rows > 3 and (stream.numel() - len(docs)) == sum(map(len, encoded))
+    for packing, (tokens, rows) in cases.items():
+        result = runner.invoke(app, ["eval-ppl", str(run_dir), "data=local", f"data.path={path}",
+                                     f"data.packing={packing}"])
+        assert result.exit_code == 0, result.output
+        out = json.loads((run_dir / "eval" / "local_docs.json").read_text())
+        assert out["split"] == "all" and out["tokens"] == tokens, (packing, out["tokens"], tokens)
+        loss, count = _hand_ppl(run.model, rows)
+        assert count == tokens
+        ours = evaluate_ppl(run.model, rows)
+        assert ours["tokens"] == tokens
+        assert ours["loss"] == pytest.approx(loss, rel=1e-6) and out["val_loss"] == pytest.approx(loss, rel=1e-6)
+        assert out["val_ppl"] == pytest.approx(math.exp(loss), rel=1e-6)

@@ -1,13 +1,14 @@
 """ReLoRA: merge keeps the function, re-inits the adapter, optimizer resets, jagged schedule."""
+import io
 import math
 
 import pytest
 import torch
 import torch.nn as nn
 
-from sltrain_cli.configs import ResetKind
+from sltrain_cli.configs import MethodConfig, ResetKind
 from sltrain_cli.core.optim import lr_factor, relora_lr_factor
-from sltrain_cli.core.relora import ReLoRALinear, merge_all, merge_due, reset_optimizer_state
+from sltrain_cli.core.relora import ReLoRALinear, merge_after_update, merge_all, merge_due, reset_optimizer_state
 
 
 def _trained_layer(seed=0, in_f=24, out_f=16, rank=4):
@@ -64,6 +65,7 @@ def test_merge_all_on_toy_model():
 
 
 def test_merge_due():
+    # after the 0-based update k * merge_every (k >= 1): the one whose jagged lr factor is 0
     assert [s for s in range(0, 25) if merge_due(s, 10)] == [10, 20]
 
 
@@ -190,7 +192,7 @@ def test_jagged_schedule_without_rewarm_is_cosine():
 
 
 def test_merge_and_reset_through_layerwise_optimizer():
-    from sltrain_cli.configs import MethodConfig, OptimConfig
+    from sltrain_cli.configs import OptimConfig
     from sltrain_cli.core.optim import LayerwiseOptimizer
 
     torch.manual_seed(0)
@@ -208,3 +210,99 @@ def test_merge_and_reset_through_layerwise_optimizer():
     assert all(torch.count_nonzero(st["exp_avg"]) == 0 for st in lw.state.values())
     torch.testing.assert_close(model(x).detach(), y, rtol=1e-5, atol=1e-5)
     lw.remove()
+
+
+# ----------------------------------------------------------------------------- order in the training loop
+# The reference (Guitaricet/relora torchrun_main.py): optimizer.step(); scheduler.step(); update_step += 1;
+# then, when update_step % relora == 1, merge_and_reinit and optimizer_reset. With 0-based update indices:
+# update k * every runs with lr factor 0, then the merge and the reset; update k * every + 1 starts from
+# reset moments.
+
+EVERY, TOTAL = 3, 8
+
+
+def _relora_setup(seed=0):
+    from sltrain_cli.configs import ModelConfig, OptimConfig
+    from sltrain_cli.core.convert import apply_method
+    from sltrain_cli.core.model import LlamaForCausalLM
+    from sltrain_cli.core.optim import build_optimizer, build_scheduler
+
+    cfg = ModelConfig(name="t", hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, vocab_size=64)
+    mcfg = MethodConfig(name="relora", rank=4, merge_every=EVERY, restart_warmup=2, reset="zero")
+    ocfg = OptimConfig(lr=1e-2, warmup_steps=0, grad_clip=0.0, weight_decay=0.1)
+    torch.manual_seed(seed)
+    model = apply_method(LlamaForCausalLM(cfg), mcfg)
+    opt = build_optimizer(model, ocfg, mcfg)
+    return model, opt, build_scheduler(opt, ocfg, mcfg, TOTAL), mcfg
+
+
+def _batches():
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 64, (2, 16), generator=gen) for _ in range(TOTAL)]
+
+
+def _loop(model, opt, sched, mcfg, batches, start, stop, log=None):
+    """train.py's order: train_step (forward, backward, step, scheduler step) then the ReLoRA hook."""
+    import contextlib
+
+    from sltrain_cli.train import train_step
+
+    adapters = [p for n, p in model.named_parameters() if n.endswith((".A", ".B"))]
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = {}
+    hooks = [p.register_post_accumulate_grad_hook(lambda q: grads.__setitem__(id(q), q.grad.clone()))
+             for p in adapters]
+    for s in range(start, stop):
+        lr, before = opt.param_groups[0]["lr"], [p.detach().clone() for p in adapters]
+        train_step(model, batches[s], batches[s], 1, params, opt, sched, 0.0, torch.device("cpu"),
+                   contextlib.nullcontext)
+        moved = any(not torch.equal(b, p) for b, p in zip(before, adapters))
+        merged = merge_after_update(model, opt, mcfg, s, TOTAL, seed=0)
+        if log is not None:
+            log.append({"step": s, "lr": lr, "moved": moved, "merged": merged,
+                        "grads": [grads[id(p)] for p in adapters],
+                        "m": [opt.state[p]["exp_avg"].clone() for p in adapters],
+                        "v": [opt.state[p]["exp_avg_sq"].clone() for p in adapters]})
+    for h in hooks:
+        h.remove()
+    return adapters
+
+
+def test_merge_and_reset_follow_the_lr0_update_as_the_reference():
+    model, opt, sched, mcfg = _relora_setup()
+    log = []
+    _loop(model, opt, sched, mcfg, _batches(), 0, TOTAL, log)
+    assert [r["step"] for r in log if r["lr"] == 0.0] == [3, 6]  # the jagged schedule's restarts (no warmup)
+    assert [r["step"] for r in log if r["merged"]] == [3, 6]  # right after the lr-0 updates k * every
+    b1, b2 = opt.param_groups[0]["betas"]
+    for k in (3, 6):
+        lr0, first = log[k], log[k + 1]
+        assert not lr0["moved"]  # the lr-0 update moves nothing: the merge folds in the adapter it was given
+        # right after the reset (the moments as they are at the end of update k): nothing from before the merge
+        assert all(torch.count_nonzero(m) == 0 for m in lr0["m"] + lr0["v"])
+        # the first update after the merge starts from reset moments: they hold its own gradient only
+        for g, m, v in zip(first["grads"], first["m"], first["v"]):
+            torch.testing.assert_close(m, (1 - b1) * g, rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(v, (1 - b2) * g * g, rtol=1e-6, atol=1e-12)
+        assert first["lr"] > 0.0 and first["moved"]
+
+
+def test_relora_loop_resumes_bitwise_across_a_merge():
+    batches = _batches()
+    ref = _relora_setup()
+    ref_adapters = _loop(*ref[:4], batches, 0, TOTAL)
+
+    model, opt, sched, mcfg = _relora_setup()
+    _loop(model, opt, sched, mcfg, batches, 0, 5)  # past the merge after update 3, before the one after 6
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2, opt2, sched2, _ = _relora_setup(seed=7)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["optim"])
+    sched2.load_state_dict(ckpt["sched"])
+    adapters = _loop(model2, opt2, sched2, mcfg, batches, 5, TOTAL)
+    for p, q in zip(ref[0].state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(p, q)
+    assert all(torch.equal(p, q) for p, q in zip(ref_adapters, adapters))

@@ -2,6 +2,7 @@
 trials, failed trials recorded, one aggregated table and two plots."""
 import io
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 
 from sltrain_cli.cli import app
 from sltrain_cli.configs import ConfigError
-from sltrain_cli.sweep import plan_trials, run_sweep, sweep_name
+from sltrain_cli.sweep import plan_trials, run_sweep, run_trials, sweep_name
 
 from helpers import tiny_overrides
 
@@ -76,8 +77,12 @@ def test_sweep_runs_skips_and_records_failures(tmp_path, cache_dir):
     assert "trial 4/4: delta=0.1,rank=8 ... completed ppl" in buf.getvalue()
     summaries = sorted(folder.glob("pretrain/*/summary.json"))
     assert len(summaries) == 4
+    pids = []
     for path in summaries:  # each trial ran in its own process, in its own folder
-        assert json.loads(path.read_text())["status"] == "completed"
+        summary = json.loads(path.read_text())
+        assert summary["status"] == "completed"
+        pids.append(summary["pid"])
+    assert len(set(pids)) == 4 and os.getpid() not in pids, pids
     mtimes = [p.stat().st_mtime_ns for p in summaries]
 
     # rerun: nothing starts
@@ -98,6 +103,23 @@ def test_sweep_runs_skips_and_records_failures(tmp_path, cache_dir):
     df = pd.read_csv(folder / "results.csv")
     assert list(df["status"]) == ["completed", "completed", "failed", "failed"]
     assert (folder / "logs" / "delta=0.05,rank=100000.log").is_file()
+
+    # a trial whose overrides changed (steps=3 instead of 2, same trial name) is run again, in a new process; an
+    # identical one is skipped, its folder untouched
+    same = next(t for t in plan_trials(tiny_overrides(tmp_path, *grid))[0] if t.name == "delta=0.05,rank=4")
+    changed = next(t for t in plan_trials(tiny_overrides(tmp_path, *grid[:2], "steps=3", *grid[3:]))[0]
+                   if t.name == "delta=0.1,rank=4")
+    before = {t.name: json.loads((t.run_dir(folder) / "summary.json").read_text()) for t in (same, changed)}
+    stamp = (same.run_dir(folder) / "summary.json").stat().st_mtime_ns
+    console, buf = _console()
+    results = run_trials([same, changed], folder, console)
+    assert [(r.trial.name, r.status, r.skipped) for r in results] == [
+        ("delta=0.05,rank=4", "completed", True), ("delta=0.1,rank=4", "completed", False)], buf.getvalue()
+    assert (same.run_dir(folder) / "summary.json").stat().st_mtime_ns == stamp
+    rerun = json.loads((changed.run_dir(folder) / "summary.json").read_text())
+    assert rerun["steps"] == 3 and before[changed.name]["steps"] == 2
+    assert rerun["pid"] not in (*pids, os.getpid())
+    assert "steps=3" in (changed.run_dir(folder) / "overrides.txt").read_text().splitlines()
 
 
 def test_a_failed_trial_makes_the_sweep_exit_1(tmp_path, cache_dir):

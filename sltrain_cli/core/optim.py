@@ -157,7 +157,8 @@ def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, method_cfg: Method
     """One optimizer over the trainable parameters of ``model``.
 
     method=galore: GaLoreAdamW (GaLoreAdamW8bit with optim.name=adamw8bit) with a galore group for the
-    target Linear weights and a plain group for the rest. Otherwise optim.name=adamw8bit: bitsandbytes AdamW8bit; adamw: torch AdamW.
+    target Linear weights and a plain group for the rest. Otherwise optim.name=adamw8bit: bitsandbytes
+    AdamW8bit; adamw: torch AdamW.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

@@ -9,14 +9,17 @@ reset (zeroed or pruned, ``method.reset``) and the learning rate restarts from 0
 re-warmup (the "jagged" cosine schedule, ``core.optim.relora_lr_factor``). The sum of many rank-r updates can reach
 full rank, but W0 is stored in full, so ReLoRA is not parameter efficient.
 
-How the train loop drives it (``s`` = number of optimizer steps completed so far)::
+The order is the reference's (Guitaricet/relora torchrun_main.py: optimizer.step(); scheduler.step();
+update_step += 1; then merge_and_reinit and optimizer_reset when update_step % relora == 1): with 0-based
+update indices, update k * merge_every (k >= 1) runs with lr factor 0 -- its gradient enters the moments but
+moves nothing -- and right after it the adapters are merged and their moments reset, so update
+k * merge_every + 1, the first of the re-warmup, starts from reset moments. The train loop calls, after
+every optimizer step (and scheduler step) of update index ``s``::
 
-    if merge_due(s, method.merge_every):               # s = k * merge_every, k >= 1
-        pairs = merge_all(model)                         # before the forward of update index s
-        reset_optimizer_state(optimizer, pairs, method.reset, method.reset_ratio)
-    ... forward / backward / optimizer.step() / scheduler.step()
+    merge_after_update(model, optimizer, method, s, total_steps, seed)   # merges when merge_due(s, ...)
 
-and the scheduler built by ``core.optim.build_scheduler`` already yields factor 0 for update index s.
+The scheduler built by ``core.optim.build_scheduler`` yields factor 0 for update index k * merge_every.
+A checkpoint written after update s holds the merged model and the reset state, so resume is exact.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sltrain_cli.configs import ResetKind
+from sltrain_cli.configs import MethodConfig, ResetKind
 from sltrain_cli.core.optim import BNB_BLOCKSIZE  # optim must never import this module
 
 
@@ -100,9 +103,24 @@ def merge_all(model: nn.Module, generator: Optional[torch.Generator] = None) -> 
     return pairs
 
 
-def merge_due(completed_steps: int, merge_every: int) -> bool:
-    """True when a merge must happen before update index ``completed_steps`` (k * merge_every, k >= 1)."""
-    return completed_steps > 0 and completed_steps % merge_every == 0
+def merge_due(update_index: int, merge_every: int) -> bool:
+    """True when the merge and the optimizer reset follow the 0-based update ``update_index``: the lr-0
+    update k * merge_every, k >= 1 (the reference's update_step % relora == 1 after its increment)."""
+    return update_index >= merge_every and update_index % merge_every == 0
+
+
+def merge_after_update(model: nn.Module, optimizer, method_cfg: MethodConfig, update_index: int,
+                       total_steps: int, seed: int, device=None) -> bool:
+    """The train loop's ReLoRA hook, called after the optimizer step of ``update_index``: when
+    ``merge_due`` (and not after the last update, where a merge would change nothing), merge every adapter
+    and reset its moments. The generator is seeded from (seed, update_index), the same on every rank and on
+    resume, so re-initialised adapters and pruning masks agree. Returns whether it merged."""
+    if not merge_due(update_index, method_cfg.merge_every) or update_index + 1 >= total_steps:
+        return False
+    gen = torch.Generator(device=device or "cpu").manual_seed(seed * 1_000_003 + update_index)
+    adapters = merge_all(model, generator=gen)
+    reset_optimizer_state(optimizer, adapters, method_cfg.reset, method_cfg.reset_ratio, generator=gen)
+    return True
 
 
 # ----------------------------------------------------------------------------- optimizer reset
