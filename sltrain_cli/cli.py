@@ -361,17 +361,14 @@ def list_configs(group: Optional[str] = typer.Argument(None, help="models | meth
     key values (- where the option does not use a key). Use an option as
     group=option, e.g. sltrain pretrain model=llama_60m method=galore.
     """
-    from rich.markup import escape
-
     from .catalog import GROUP_NAMES, group_rows, resolve_group
     from .results import print_table
 
     names = [group] if group else list(GROUP_NAMES)
     for name in names:
         resolve_group(name)  # a wrong name fails before anything is printed
-    for name in names:  # descriptions hold brackets (pip install 'sltrain[bnb]'): not rich markup
-        rows = [{k: escape(v) if isinstance(v, str) else v for k, v in r.items()} for r in group_rows(name)]
-        print_table(rows, title=f"{resolve_group(name)}=OPTION")
+    for name in names:
+        print_table(group_rows(name), title=f"{resolve_group(name)}=OPTION")
 
 
 @app.command("compare")

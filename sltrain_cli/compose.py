@@ -197,7 +197,7 @@ def _check_group_options(overrides: List[str]) -> None:
     ``experiment=paper_60`` would silently train the defaults."""
     for ov in overrides:
         key, value = split_override(ov)
-        group, value = key.lstrip("+~"), value.strip()
+        group, value = key.lstrip("+~"), value.strip().strip("'\"")  # model='tiny' is Hydra for tiny
         if group in GROUPS and value not in group_options(group):
             raise ConfigError(group, f"unknown option {value!r}; choose from {', '.join(group_options(group))}")
 

@@ -13,6 +13,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Typ
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .compose import RESUME_FREE_KEYS, flatten, read_config_file
 from .configs import ConfigError
@@ -141,8 +142,8 @@ def print_table(rows: Iterable[Mapping] | pd.DataFrame, title: str = "",
     table = Table(title=title or None, show_lines=False)
     for col in df.columns:
         table.add_column(str(col), overflow="fold")
-    for row in df.itertuples(index=False):
-        table.add_row(*(_fmt(v) for v in row))
+    for row in df.itertuples(index=False):  # cells are text, not rich markup ([q,v], sltrain[bnb] stay)
+        table.add_row(*(Text(_fmt(v)) for v in row))
     (console or make_console()).print(table)
 
 

@@ -36,7 +36,7 @@ from .checkpoint import (
     prune_checkpoints,
     save_training_state,
 )
-from .compose import to_container, to_yaml
+from .compose import METHOD_KEYS, to_container, to_yaml
 from .configs import MethodName, ModelConfig, Parallel, RunConfig, UserError
 from .core import relora
 from .core.convert import check_method_fits, count_parameters
@@ -285,7 +285,8 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
 
     summary: RunSummary = {
         "command": "pretrain", "run": run_dir.name, "run_dir": str(run_dir), "model": cfg.model.name,
-        "method": mcfg.name.value, "rank": mcfg.rank, "delta": mcfg.delta,
+        "method": mcfg.name.value, **{k: getattr(mcfg, k) if k in METHOD_KEYS[mcfg.name.value] else None
+                                      for k in ("rank", "delta")},  # None where the method does not use it
         "params_total": counts["total"], "params_trainable": counts["trainable"],
         "params_lowrank": counts["lowrank"], "params_sparse": counts["sparse_values"],
         "index_entries": counts["indices"], "vocab_size": tokenizer.vocab_size, "unigram_ppl": unigram,

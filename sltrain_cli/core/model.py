@@ -54,7 +54,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
     """mean over targets != -100 of cross_entropy((h @ weight^T).float(), targets), a chunk of rows at a time.
 
     h: (N, d) hidden states; weight: (V, d) lm_head weight (cast to ``dtype``, the compute dtype, inside); targets:
-    (N,) int64. With gradients needed, forward also forms dL/dh and dL/dweight (fp32-accumulated) chunk by chunk,
+    (N,) int64. With gradients needed, forward also forms dL/dh and dL/dweight (summed in weight's dtype) chunk by chunk,
     so no (N, V) tensor outlives a chunk; backward scales them by the incoming gradient."""
 
     @staticmethod
@@ -67,7 +67,9 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
             safe = targets.clamp(min=0)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             grad_h = torch.empty_like(hc) if need_h else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+            # in the weight's own dtype (fp32 master weights: fp32; bf16-pure: bf16, one rounding per chunk): no
+            # second copy of the head's gradient beyond the one the optimizer gets anyway
+            grad_w = torch.zeros_like(weight) if need_w else None
             for s in range(0, h.shape[0], chunk):
                 e = min(s + chunk, h.shape[0])
                 logits = torch.mm(hc[s:e], w.t()).float()
@@ -81,14 +83,14 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
                     p = p.to(dtype)
                     if need_h:
                         torch.mm(p, w, out=grad_h[s:e])
-                    if need_w and p.dtype == torch.float32:
+                    if need_w and p.dtype == grad_w.dtype:
                         grad_w.addmm_(p.t(), hc[s:e])
                     elif need_w:
                         grad_w.add_(torch.mm(p.t(), hc[s:e]))
                     del p
                 del logits
         ctx.grads = (grad_h, grad_w)
-        ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
+        ctx.h_dtype = h.dtype
         return total / count
 
     @staticmethod
@@ -96,7 +98,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.grads
         ctx.grads = None
         dh = None if grad_h is None else grad_h.mul_(grad_out.to(grad_h.dtype)).to(ctx.h_dtype)
-        dw = None if grad_w is None else grad_w.mul_(grad_out.float()).to(ctx.w_dtype)
+        dw = None if grad_w is None else grad_w.mul_(grad_out.to(grad_w.dtype))
         return dh, dw, None, None, None
 
 
