@@ -306,8 +306,8 @@ def test_c4_pipeline_on_a_stand_in_stream(tmp_path, monkeypatch, spiece):
     assert all(h.shape == (2, 48) for h in halves)
 
 
-def test_one_document_is_not_enough(tmp_path):
-    (tmp_path / "only.txt").write_text("a single document")
+def test_one_word_is_not_enough(tmp_path):
+    (tmp_path / "only.txt").write_text("unsplittable")  # a single .txt is split by chunks, but not inside a word
     with pytest.raises(UserError, match=r"^data\.path: need at least 2"):
         D.load_documents(DataConfig(name="local", path=str(tmp_path / "only.txt")))
 

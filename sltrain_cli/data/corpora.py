@@ -241,7 +241,7 @@ SINGLE_DOC_CHUNKS = 20  # a corpus of one document is cut into this many pieces 
 
 def chunk_document(text: str, chunks: int = SINGLE_DOC_CHUNKS) -> List[str]:
     """One document -> about ``chunks`` consecutive pieces of similar length, cut at line ends (at spaces when a
-    piece holds no line end), each non-empty: the units a single-file corpus is split by."""
+    piece holds no line end, never inside a word), each non-empty: the units a single-file corpus is split by."""
     target = max(1, len(text) // chunks)
     out, start = [], 0
     while start < len(text):
@@ -249,7 +249,10 @@ def chunk_document(text: str, chunks: int = SINGLE_DOC_CHUNKS) -> List[str]:
         if end < len(text):
             cut = text.rfind("\n", start + 1, end + 1)
             cut = cut if cut > start else text.rfind(" ", start + 1, end + 1)
-            end = cut + 1 if cut > start else end
+            if cut <= start:  # a word longer than the piece: cut after it
+                found = [i for i in (text.find("\n", end), text.find(" ", end)) if i >= 0]
+                cut = min(found) if found else len(text) - 1
+            end = cut + 1
         piece = text[start:end]
         if piece.strip():
             out.append(piece)
