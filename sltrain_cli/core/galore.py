@@ -83,36 +83,39 @@ class GaLoreAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
-                    raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                R = self._project(p, state, group)
-                grad = p.grad if R is None else R
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                state["step"] += 1
-                t = state["step"]
-                # the reference's arithmetic, op for op (galore_torch/adamw.py)
-                exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                denom = exp_avg_sq.sqrt().add_(eps)
-                step_size = lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
-                direction = exp_avg / denom
-                del denom
-                if R is not None:
-                    direction = self._back(p, state, direction).mul_(group["scale"])
-                p.add_(direction, alpha=-step_size)
-                if wd > 0.0:
-                    p.add_(p, alpha=-lr * wd)
+                self._update(p, state, group, self._project(p, state, group))
         return loss
+
+    def _update(self, p: torch.Tensor, state: dict, group: dict, R: Optional[torch.Tensor]) -> None:
+        """One Adam step of ``p`` from its projected gradient ``R`` (None: the plain gradient)."""
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        grad = p.grad if R is None else R
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        state["step"] += 1
+        t = state["step"]
+        # the reference's arithmetic, op for op (galore_torch/adamw.py)
+        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denom = exp_avg_sq.sqrt().add_(eps)
+        step_size = lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+        direction = exp_avg / denom
+        del denom
+        if R is not None:
+            direction = self._back(p, state, direction).mul_(group["scale"])
+        p.add_(direction, alpha=-step_size)
+        if wd > 0.0:
+            p.add_(p, alpha=-lr * wd)
 
 
 class GaLoreAdamW8bit(GaLoreAdamW):
@@ -167,38 +170,21 @@ class GaLoreAdamW8bit(GaLoreAdamW):
                 group["lr"], state["qmap1"], state["qmap2"], state["absmax1"], state["absmax2"], weight_decay,
                 gnorm_scale=1.0, skip_zeros=False)
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("GaLoreAdamW8bit does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                R = self._project(p, state, group)
-                if "state1" not in state:
-                    self._init_moments(state, p.grad if R is None else R)
-                state["step"] += 1
-                if R is None:  # bitsandbytes AdamW8bit's update, weight decay included
-                    if not p.is_contiguous():
-                        p.data = p.data.contiguous()
-                    self._bnb_adam(group, state, p.grad.contiguous(), p, wd)
-                    continue
-                update = torch.zeros_like(R)  # becomes -lr * Adam direction of R (bnb's step, no decay)
-                self._bnb_adam(group, state, R.contiguous(), update, 0.0)
-                p.add_(self._back(p, state, update).mul_(group["scale"]))
-                del update
-                if wd > 0.0:
-                    p.add_(p, alpha=-lr * wd)
-        return loss
+    def _update(self, p: torch.Tensor, state: dict, group: dict, R: Optional[torch.Tensor]) -> None:
+        if "state1" not in state:
+            self._init_moments(state, p.grad if R is None else R)
+        state["step"] += 1
+        if R is None:  # bitsandbytes AdamW8bit's update, weight decay included
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
+            self._bnb_adam(group, state, p.grad.contiguous(), p, group["weight_decay"])
+            return
+        update = torch.zeros_like(R)  # becomes -lr * Adam direction of R (bnb's step, no decay)
+        self._bnb_adam(group, state, R.contiguous(), update, 0.0)
+        p.add_(self._back(p, state, update).mul_(group["scale"]))
+        del update
+        if group["weight_decay"] > 0.0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loader would cast every float state tensor to the parameter's dtype (fp32 moments and
