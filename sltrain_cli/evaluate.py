@@ -46,7 +46,7 @@ def evaluate_ppl(model: torch.nn.Module, batches: Iterable[Tuple[torch.Tensor, t
         dist.all_reduce(total)
     model.train(was_training)
     tokens = int(total[1].item())
-    mean = 0.5 * total[0].item() / max(tokens, 1)  # MUTATION
+    mean = total[0].item() / max(tokens, 1)
     return {"loss": mean, "ppl": math.exp(min(mean, 700.0)), "tokens": tokens}
 
 

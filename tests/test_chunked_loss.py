@@ -70,6 +70,19 @@ def test_chunked_loss_bf16_autocast_close_to_plain():
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=0.05, atol=0.05 * scale, msg=name)
 
 
+def test_chunked_loss_bf16_pure_weights():
+    model = _model("sltrain").to(torch.bfloat16)  # bf16-pure: the head's gradient is summed in bf16, chunk by chunk
+    model.loss_chunk_tokens = 10
+    ids, labels = _batch()
+    loss, grads = _loss_and_grads(model, lambda: model(ids, labels=labels).loss)
+    ref, ref_grads = _loss_and_grads(model, lambda: _plain_loss(model, ids, labels))
+    assert abs(float(loss) - float(ref)) < 1e-2
+    for name in grads:
+        assert grads[name].dtype == torch.bfloat16
+        scale = float(ref_grads[name].float().abs().max())
+        torch.testing.assert_close(grads[name].float(), ref_grads[name].float(), rtol=0.05, atol=0.05 * scale, msg=name)
+
+
 class _Shapes(TorchDispatchMode):
     def __init__(self):
         super().__init__()

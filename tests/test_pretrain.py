@@ -192,15 +192,15 @@ def test_ctrl_c_saves_and_marks_interrupted(tiny_run, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _documents(n=9, seed=0):
-    """Documents of very different lengths (one word to ~120 words), a few hundred tokens in all."""
+def _documents():
+    """Nine documents of very different lengths (one word to 120 words), several hundred tokens in all."""
     import random
 
     words = ("the state of the union is strong and the people of this nation are at work congress shall "
              "make laws for peace war trade taxes schools roads justice liberty").split()
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(words) for _ in range(k)).capitalize() + "."
-            for k in ([1, 120, 7, 64, 33, 2, 90, 15, 48] * 3)[:n]]
+    rng = random.Random(0)
+    lengths = (1, 120, 7, 64, 33, 2, 90, 15, 48)
+    return [" ".join(rng.choice(words) for _ in range(k)).capitalize() + "." for k in lengths]
 
 
 def _hand_ppl(model, rows):

@@ -225,9 +225,15 @@ def _bwd_step(in_f: int, out_f: int, tokens: int) -> int:
     return max(_BWD_STEP, _slab(max(in_f, out_f), tokens))
 
 
+def _keeps_xa(tokens: int, rank: int, out_f: int, in_f: int) -> bool:
+    """Keep x A^T (tokens, r) for backward when it is at most half a dense W; then it and backward's (tokens, r)
+    g s B together stay within the one transient W (or Gw) compose holds, so factored never peaks above compose."""
+    return bool(rank) and 2 * tokens * rank <= out_f * in_f
+
+
 def _lowrank_chunk(rank: int, out_f: int, in_f: int) -> int:
-    """Token chunk for the rank-r products when x A^T is not kept: (chunk, r) temporaries of at most half a W."""
-    return max(256, (out_f * in_f) // (2 * rank))
+    """Token chunk for the rank-r products when x A^T is not kept: (chunk, r) temporaries of a quarter W each."""
+    return max(256, (out_f * in_f) // (4 * rank))
 
 
 def _accumulate(total: Optional[torch.Tensor], part: torch.Tensor) -> torch.Tensor:
@@ -245,10 +251,10 @@ class _FactoredFn(torch.autograd.Function):
                 in_features: int):
         device, dtype = x.device, x.dtype
         lr, sp = _lowrank_dtype(dtype, device), _sparse_dtype(dtype, device)
-        acc = lr if values is None else torch.promote_types(lr, sp)
+        acc = lr  # y: the sparse part's fp32 slabs are added into it (no fp32 copy of a bf16 output)
         x2 = x.reshape(-1, in_features)
         T, rank = x2.shape[0], 0 if A is None else A.shape[0]
-        keep_xa = bool(rank) and T * rank <= out_features * in_features  # x A^T no bigger than one dense W: keep it
+        keep_xa = _keeps_xa(T, rank, out_features, in_features)
         xa = None
         with torch.autocast(device.type, enabled=False):
             if rank:
@@ -261,7 +267,7 @@ class _FactoredFn(torch.autograd.Function):
                     y = torch.empty(T, out_features, dtype=acc, device=device)
                     step = _lowrank_chunk(rank, out_features, in_features)
                     for t0 in range(0, T, step):
-                        y[t0:t0 + step] = torch.mm(torch.mm(xl[t0:t0 + step], a.t()), bs.t())
+                        torch.mm(torch.mm(xl[t0:t0 + step], a.t()), bs.t(), out=y[t0:t0 + step])
                 del xl
             else:
                 y = torch.zeros(T, out_features, dtype=acc, device=device)
@@ -286,7 +292,7 @@ class _FactoredFn(torch.autograd.Function):
         out_f, in_f = ctx.shape
         device, dtype = x.device, x.dtype
         lr, sp = _lowrank_dtype(dtype, device), _sparse_dtype(dtype, device)
-        acc = lr if values is None else torch.promote_types(lr, sp)
+        acc = lr
         x2, g2 = x.reshape(-1, in_f), grad_out.reshape(-1, out_f).to(dtype)
         T = x2.shape[0]
         dx = dA = dB = dv = dbias = None
@@ -300,14 +306,9 @@ class _FactoredFn(torch.autograd.Function):
                     gc, xc = g2[t0:t0 + step].to(lr), x2[t0:t0 + step].to(lr)
                     gb = torch.mm(gc, b).mul_(ctx.scale)  # (c, r) = g s B
                     if need_x:
-                        part = torch.mm(gb, a)
-                        if step >= T:
-                            dx = part.to(acc)
-                        else:
-                            if dx is None:
-                                dx = torch.empty(T, in_f, dtype=acc, device=device)
-                            dx[t0:t0 + step] = part
-                        del part
+                        if dx is None:
+                            dx = torch.empty(T, in_f, dtype=acc, device=device)
+                        torch.mm(gb, a, out=dx[t0:t0 + step])
                     if need_A:
                         dA = _accumulate(dA, torch.mm(gb.t(), xc))
                     if need_B:
@@ -375,7 +376,7 @@ def kernel_cost(kernel: str, tokens: int, n_in: int, n_out: int, rank: int, nnz:
         return work / c["rate"] + 14 * c["call"]
     work, calls = 0.0, 12
     if rank:
-        recompute = T * rank * n_in if T * rank > io else 0
+        recompute = 0 if _keeps_xa(T, rank, n_out, n_in) else T * rank * n_in
         work += c["lowrank"] * (3 * T * rank * (n_in + n_out) + recompute)
         if recompute:
             calls += 7 * -(-T // _lowrank_chunk(rank, n_out, n_in))
