@@ -75,7 +75,8 @@ def evaluate_run(run: Path | str, overrides: Sequence[str] = ()) -> dict:
     else:
         _, val_set = data_lib.build_datasets(corpus, tokenizer, rows_per_step=eval_cfg.train.total_batch_size,
                                              cache_root=data_lib.cache_root(eval_cfg.tokenizer))
-    batches = val_set.batches(eval_cfg.train.eval_tokens, eval_cfg.train.micro_batch())
+    # a corpus the run never saw is scored whole; the run's own validation split within train.eval_tokens
+    batches = val_set.batches(None if whole else eval_cfg.train.eval_tokens, eval_cfg.train.micro_batch())
     result = evaluate_ppl(model, batches, device, autocast_for(stored.train.precision, device))
     data_name = eval_cfg.data.name.value
     if eval_cfg.data.path:

@@ -20,7 +20,7 @@ VARIANTS = {
     "lowrank": ["method=lowrank", "rank=8"],
     "sltrain": ["method=sltrain", "rank=8", "delta=0.05"],
     "sparse": ["method=sparse", "delta=0.1"],
-    "relora": ["method=relora", "rank=8", "method.merge_every=4", "method.restart_warmup=1"],
+    "relora": ["method=relora", "rank=8", "method.merge_every=5", "method.restart_warmup=1"],
     "galore": ["method=galore", "rank=8", "method.update_proj_gap=4"],
     "adamw8bit": ["method=sltrain", "rank=8", "optim=adamw8bit"],
     "layerwise": ["method=sltrain", "rank=8", "train.layerwise=true", "optim.grad_clip=0"],

@@ -297,26 +297,10 @@ class _FactoredFn(torch.autograd.Function):
         T = x2.shape[0]
         dx = dA = dB = dv = dbias = None
         with torch.autocast(device.type, enabled=False):
-            if need_x and (A is None or T == 0):
-                dx = torch.zeros(T, in_f, dtype=acc, device=device)
-            if A is not None and (need_x or need_A or need_B):
-                a, b = A.to(lr), B.to(lr)
-                step = T if xa is not None else _lowrank_chunk(A.shape[0], out_f, in_f)
-                for t0 in range(0, T, step):
-                    gc, xc = g2[t0:t0 + step].to(lr), x2[t0:t0 + step].to(lr)
-                    gb = torch.mm(gc, b).mul_(ctx.scale)  # (c, r) = g s B
-                    if need_x:
-                        if dx is None:
-                            dx = torch.empty(T, in_f, dtype=acc, device=device)
-                        torch.mm(gb, a, out=dx[t0:t0 + step])
-                    if need_A:
-                        dA = _accumulate(dA, torch.mm(gb.t(), xc))
-                    if need_B:
-                        xac = xa[t0:t0 + step] if xa is not None else torch.mm(xc, a.t())
-                        dB = _accumulate(dB, torch.mm(gc.t(), xac).mul_(ctx.scale))
-                    del gb, gc, xc
-                dA = None if dA is None else dA.to(A.dtype)
-                dB = None if dB is None else dB.to(B.dtype)
+            if need_x:
+                dx = torch.zeros(T, in_f, dtype=acc, device=device) if values is None or T == 0 else \
+                    torch.empty(T, in_f, dtype=acc, device=device)
+            # the sparse part first, while no factor gradient exists yet (a lower peak): dx = g S, dvalues
             if values is not None and (need_x or need_v):
                 plan = ctx.plan
                 St = plan.St(values.to(sp)) if need_x else None
@@ -326,11 +310,29 @@ class _FactoredFn(torch.autograd.Function):
                 for t0 in range(0, T, step):
                     gT = g2[t0:t0 + step].t().to(sp).contiguous()  # (out, c), shared by both products
                     if need_x:
-                        dx[t0:t0 + step].add_(torch.mm(St, gT).t())
+                        dx[t0:t0 + step].copy_(torch.mm(St, gT).t())
                     if need_v:  # dvalues[k] += sum_t g[t, row_k] x[t, col_k], in place
                         torch.sparse.sampled_addmm(dvals, gT, x2[t0:t0 + step].to(sp), beta=1.0, out=dvals)
+                del St  # its permuted values copy: gone before the factor gradients pile up
                 if need_v:
                     dv = plan.unpermute(dvals.values()).to(values.dtype)
+            # the rank-r part: dx += (g s B) A in place, dA = (g s B)^T x, dB = s g^T (x A^T)
+            if A is not None and (need_x or need_A or need_B):
+                a, b = A.to(lr), B.to(lr)
+                step = T if xa is not None else _lowrank_chunk(A.shape[0], out_f, in_f)
+                for t0 in range(0, T, step):
+                    gc, xc = g2[t0:t0 + step].to(lr), x2[t0:t0 + step].to(lr)
+                    gb = torch.mm(gc, b).mul_(ctx.scale)  # (c, r) = g s B
+                    if need_x:
+                        dx[t0:t0 + step].addmm_(gb, a)
+                    if need_A:
+                        dA = _accumulate(dA, torch.mm(gb.t(), xc))
+                    if need_B:
+                        xac = xa[t0:t0 + step] if xa is not None else torch.mm(xc, a.t())
+                        dB = _accumulate(dB, torch.mm(gc.t(), xac).mul_(ctx.scale))
+                    del gb, gc, xc
+                dA = None if dA is None else dA.to(A.dtype)
+                dB = None if dB is None else dB.to(B.dtype)
             if dx is not None:
                 dx = dx.to(dtype).view(x.shape)
             if need_bias:
