@@ -251,8 +251,9 @@ def test_eval_ppl_on_a_local_file_uses_all_of_it(tiny_run, tmp_path):
     }
     assert n_rows > 3 and (stream.numel() - len(docs)) == sum(map(len, encoded))
     for packing, (tokens, rows) in cases.items():
+        # train.eval_tokens=16 caps the run's own validation split, never a corpus scored whole
         result = runner.invoke(app, ["eval-ppl", str(run_dir), "data=local", f"data.path={path}",
-                                     f"data.packing={packing}"])
+                                     f"data.packing={packing}", "train.eval_tokens=16"])
         assert result.exit_code == 0, result.output
         out = json.loads((run_dir / "eval" / "local_docs.json").read_text())
         assert out["split"] == "all" and out["tokens"] == tokens, (packing, out["tokens"], tokens)
