@@ -35,6 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_layer import PeakStorage, sync  # noqa: E402
+
 from sltrain_cli.configs import MethodConfig, ModelConfig  # noqa: E402
 from sltrain_cli.core.convert import apply_method  # noqa: E402
 from sltrain_cli.core.model import LlamaForCausalLM  # noqa: E402
@@ -167,7 +168,8 @@ def main(argv=None) -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
     print(f"# bench_step: {where}, torch {torch.__version__}, {args.dtype}, {args.layers} blocks + embedding + "
-          f"lm_head (vocab {args.vocab}), AdamW; median of {args.repeats} interleaved steps after {args.warmup} warm-up")
+          f"lm_head (vocab {args.vocab}), AdamW; median of {args.repeats} interleaved steps after "
+          f"{args.warmup} warm-up")
     print("| width | tokens | variant | step s | tokens/s | x full (time) | state MB | fwd+bwd peak MB (x full) "
           "| AdamW peak MB | kernels |")
     print("|---|---|---|---|---|---|---|---|---|---|")

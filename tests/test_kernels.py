@@ -235,9 +235,10 @@ def _summary(run_dir):
 def test_factored_and_compose_runs_agree_and_auto_resumes_with_the_same_kernels(tmp_path, cache_dir):
     from typer.testing import CliRunner
 
-    from helpers import tiny_overrides
     from sltrain_cli.checkpoint import LATEST
     from sltrain_cli.cli import app
+
+    from helpers import tiny_overrides
 
     base = tiny_overrides(tmp_path, "method=sltrain", "rank=8")
     for kernel in ("compose", "factored", "auto"):
