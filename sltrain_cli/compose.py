@@ -324,10 +324,11 @@ def run_name(overrides: Sequence[str]) -> str:
 
 # Keys that may change when a run is resumed: how often it logs, evaluates and saves, where and how fast it
 # runs. Anything else changes the numbers, so a resume with another value is refused.
+# (train.compile too: it fuses the same ops, so only rounding moves, as with train.num_threads.)
 RESUME_FREE_KEYS = ("train.log_every", "train.eval_every", "train.save_every", "train.eval_tokens",
                     "train.num_threads", "train.device", "train.keep_checkpoints", "train.resume", "train.overwrite",
-                    "train.loggers", "train.peak_flops", "tokenizer.cache_dir", "out_dir", "run_name", "timestamp",
-                    "method_recipes")
+                    "train.loggers", "train.peak_flops", "train.compile", "tokenizer.cache_dir", "out_dir", "run_name",
+                    "timestamp", "method_recipes")
 
 
 def flatten(data, prefix: str = "") -> dict:

@@ -350,6 +350,8 @@ class TrainConfig:
                                                              "(needs optim.grad_clip=0, one process)"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute each decoder block in "
                                                                             "backward"})
+    compile: bool = field(default=False, metadata={"help": "run each decoder block under torch.compile (inductor; "
+                                                           "SLTrain's kernels stay eager inside)"})
     parallel: Parallel = field(default=Parallel.ddp, metadata={"help": "multi-process strategy under torchrun"})
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default"})
     loggers: List[str] = field(default_factory=lambda: ["jsonl"], metadata={

@@ -87,6 +87,7 @@ def test_factored_equals_compose_when_every_loop_runs_in_chunks(monkeypatch):
     # tiny slabs and chunks: the token loops of the sparse products and of the recomputed x A^T run many times
     monkeypatch.setattr(sk, "_SLAB_BYTES", 64)
     monkeypatch.setattr(sk, "_BWD_STEP", 5)
+    monkeypatch.setattr(sk, "_BWD_SLAB_BYTES", 64)
     monkeypatch.setattr(sk, "_lowrank_chunk", lambda rank, out_f, in_f: 7)
     layer = _layer(n_in=6, n_out=5, rank=2, delta=0.3, kernel="factored")  # T r = 60 > in out = 30: recompute x A^T
     x = torch.randn(30, 6)

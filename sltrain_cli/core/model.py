@@ -11,7 +11,7 @@ it yourself). It draws dense Linear/Embedding weights from N(0, init_std), sets 
 swapped layers (SparseLowRankLinear, LowRankLinear, ...) re-initialize themselves with their ``reset_parameters``.
 
 The loss never materializes the micro-batch's logits: with labels, ``_ChunkedLMHeadLoss`` runs the lm_head and the
-fp32 cross-entropy a chunk of tokens at a time (about 4M logits per chunk) and forms the gradients of the hidden
+fp32 cross-entropy a chunk of tokens at a time (about 16M logits per chunk) and forms the gradients of the hidden
 states and of the lm_head weight in the same pass (the loss is a scalar, so backward only scales them). Same loss
 and gradients as ``F.cross_entropy(lm_head(h).float())``; the (tokens, vocab) fp32 logits, log-softmax and their
 gradients are gone from the peak. ``out.logits`` is still there when asked for: computed on first access (under the
@@ -47,15 +47,18 @@ class CausalLMOutput:
         return self._logits
 
 
-LOSS_CHUNK_LOGITS = 1 << 22  # logits per chunk of the loss (16 MB in fp32)
+# Logits per chunk of the loss (64 MB in fp32), and never fewer tokens than LOSS_CHUNK_MIN: smaller chunks measured
+# slower at 1B width (the head's weight-gradient GEMM gets a thin inner dimension and is re-accumulated per chunk).
+LOSS_CHUNK_LOGITS = 1 << 24
+LOSS_CHUNK_MIN = 256
 
 
 class _ChunkedLMHeadLoss(torch.autograd.Function):
     """mean over targets != -100 of cross_entropy((h @ weight^T).float(), targets), a chunk of rows at a time.
 
     h: (N, d) hidden states; weight: (V, d) lm_head weight (cast to ``dtype``, the compute dtype, inside); targets:
-    (N,) int64. With gradients needed, forward also forms dL/dh and dL/dweight (summed in weight's dtype) chunk by chunk,
-    so no (N, V) tensor outlives a chunk; backward scales them by the incoming gradient."""
+    (N,) int64. With gradients needed, forward also forms dL/dh and dL/dweight (summed in weight's dtype) chunk by
+    chunk, so no (N, V) tensor outlives a chunk; backward scales them by the incoming gradient."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, dtype: torch.dtype, chunk: int):
@@ -200,7 +203,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(model_cfg.hidden_size, model_cfg.rms_norm_eps)
         self.lm_head = nn.Linear(model_cfg.hidden_size, model_cfg.vocab_size, bias=False)
         self.activation_checkpointing = False  # recompute each block in backward (training only)
-        self.loss_chunk_tokens: Optional[int] = None  # tokens per chunk of the loss; None: ~4M logits per chunk
+        self.loss_chunk_tokens: Optional[int] = None  # tokens per chunk of the loss; None: ~16M logits per chunk
         if not self.embed_tokens.weight.is_meta:
             self.init_weights()
 
@@ -239,7 +242,7 @@ class LlamaForCausalLM(nn.Module):
         device = h.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.lm_head.weight.dtype
         d, vocab = h.shape[-1], self.lm_head.out_features
-        chunk = self.loss_chunk_tokens or max(1, LOSS_CHUNK_LOGITS // vocab)
+        chunk = self.loss_chunk_tokens or max(LOSS_CHUNK_MIN, LOSS_CHUNK_LOGITS // vocab)
         hs = h[:, :-1].reshape(-1, d)
         targets = labels[:, 1:].reshape(-1)
         if self.lm_head.bias is not None:  # never built so; a plain fallback keeps such a head correct
