@@ -9,6 +9,8 @@ a micro-batch of 512 tokens is 2 sequences, one of 8192 is 32. Variants:
     sltrain-today  the previous path: kernel compose and the plain loss (full logits -> F.cross_entropy)
     lowrank        W = B A
     full-plain     dense weights with the plain loss (to see the chunked loss's memory drop)
+    X+compile      variant X with its decoder blocks under torch.compile (what train.compile=true runs), e.g.
+                   full+compile, sltrain+compile; --compile adds full+compile and sltrain+compile
 
 Each step is timed interleaved, round-robin across variants (noise lands on all alike), median reported with
 tokens/s and its ratio to full. Peak memory: the peak of live tensor storage created during one (untimed) step on
@@ -19,6 +21,7 @@ AdamW moments. Printed only, never asserted.
     python benchmarks/bench_step.py --threads 1                          # 60m and 1b slices, 512 and 8192 tokens
     python benchmarks/bench_step.py --widths 1b --tokens 512 --repeats 7 --threads 1
     python benchmarks/bench_step.py --quick                              # 60m, 512 tokens, 2 repeats
+    python benchmarks/bench_step.py --variants full sltrain --compile --threads 1   # does train.compile pay?
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ WIDTHS = {  # hidden, intermediate, heads, rank, alpha (PAPER.md recipes)
     "1b": (2048, 5461, 32, 512, 8.0),
 }
 VARIANTS = ("full", "sltrain", "sltrain-today", "lowrank", "full-plain")
+COMPILED = tuple(f"{v}+compile" for v in VARIANTS)
 SEQ = 256
 
 
@@ -57,6 +61,7 @@ def plain_loss(model, ids):
 
 class Variant:
     def __init__(self, name, width, layers, tokens, vocab, delta, device, dtype):
+        name, compiled = name.removesuffix("+compile"), name.endswith("+compile")
         d, m, heads, rank, alpha = WIDTHS[width]
         cfg = ModelConfig(name=f"{width}-slice", hidden_size=d, intermediate_size=m, num_layers=layers,
                           num_heads=heads, vocab_size=vocab, max_seq_len=SEQ)
@@ -70,6 +75,8 @@ class Variant:
                 if hasattr(mod, "B") and mod.B is not None:
                     torch.nn.init.normal_(mod.B, std=0.02)
         self.model = model.to(device)
+        if compiled:
+            self.model.compile_blocks()
         self.kernels = choose_kernels(model, tokens, dtype, device) if method == "sltrain" else {}
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         self.plain = name in ("sltrain-today", "full-plain")
@@ -146,7 +153,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--widths", nargs="+", default=list(WIDTHS), choices=list(WIDTHS))
     p.add_argument("--tokens", nargs="+", type=int, default=[512, 8192], help="tokens per micro-batch (x 256)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS + COMPILED))
+    p.add_argument("--compile", action="store_true", help="add full+compile and sltrain+compile (2 warm-up steps)")
     p.add_argument("--layers", type=int, default=2, help="decoder blocks in the slice")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--delta", type=float, default=0.03)
@@ -160,6 +168,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.quick:
         args.widths, args.tokens, args.repeats = ["60m"], [512], 2
+    if args.compile:
+        args.variants += [v for v in ("full+compile", "sltrain+compile") if v not in args.variants]
+    if any(v.endswith("+compile") for v in args.variants):
+        args.warmup = max(args.warmup, 2)  # the first steps compile (forward, then backward)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     if args.threads:

@@ -26,6 +26,9 @@ for dt in fp32 bf16; do
   timeout 240 $PY benchmarks/bench_layer.py --device cuda --dtypes $dt --repeats 20 --warmup 3 2>&1 | tee "$OUT/bench_layer_cuda_$dt.txt"
   timeout 150 $PY benchmarks/bench_step.py --device cuda --dtype $dt --repeats 10 --warmup 2 2>&1 | tee "$OUT/bench_step_cuda_$dt.txt"
 done
+# does train.compile pay on CUDA? (on CPU it measured slower: README, Benchmarks)
+timeout 240 $PY benchmarks/bench_step.py --device cuda --dtype bf16 --variants full sltrain --compile --repeats 10 \
+  --no-memory 2>&1 | tee "$OUT/bench_step_cuda_compile.txt"
 timeout 150 $PY -m sltrain_cli memory-estimate --size 350m --method all --measure --device cuda --format md \
   2>&1 | tee "$OUT/memory_350m.md"
 timeout 150 $PY -m sltrain_cli memory-estimate --size 350m --method all --measure --device cuda \

@@ -245,6 +245,8 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
     model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
     model = build_model(model_cfg, mcfg, cfg.seed, device, tcfg.precision, mcfg.warm_start)
     model.activation_checkpointing = tcfg.activation_checkpointing
+    if tcfg.compile:  # before DDP/FSDP2 wrap the blocks; compiles lazily, at the first step
+        model.compile_blocks()
     counts = count_parameters(model)
     distributed.check_supports_agree(model, rt)
     autocast = autocast_for(tcfg.precision, device)

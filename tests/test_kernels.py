@@ -229,6 +229,27 @@ def _rows(run_dir):
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _assert_same_curve(a, b, tol=1e-4):
+    """The same logged steps, and losses, gradient norms and validation losses to ``tol``."""
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "grad_norm", "val_loss"):
+            assert (key in ra) == (key in rb) and abs(ra.get(key, 0) - rb.get(key, 0)) <= tol, (key, ra, rb)
+
+
+def _copy_at_step_4(run_dir, dest):
+    """A copy of a finished run folder as if it had been stopped after step 4 (later checkpoints, summary gone)."""
+    from sltrain_cli.checkpoint import LATEST
+
+    shutil.copytree(run_dir, dest)
+    for p in (dest / "checkpoints").glob("step_*.pt"):
+        if int(p.stem.split("_")[1]) > 4:
+            p.unlink()
+    (dest / "checkpoints" / LATEST).write_text("step_000004.pt\n")
+    (dest / "summary.json").unlink()
+    return dest
+
+
 def _summary(run_dir):
     return json.loads((run_dir / "summary.json").read_text())
 
@@ -236,7 +257,6 @@ def _summary(run_dir):
 def test_factored_and_compose_runs_agree_and_auto_resumes_with_the_same_kernels(tmp_path, cache_dir):
     from typer.testing import CliRunner
 
-    from sltrain_cli.checkpoint import LATEST
     from sltrain_cli.cli import app
 
     from helpers import tiny_overrides
@@ -247,23 +267,13 @@ def test_factored_and_compose_runs_agree_and_auto_resumes_with_the_same_kernels(
     runs = {k: tmp_path / "pretrain" / k for k in ("compose", "factored", "auto")}
     assert set(_summary(runs["factored"])["kernels"].values()) == {"factored"}
     assert set(_summary(runs["compose"])["kernels"].values()) == {"compose"}
-    a, b = _rows(runs["compose"]), _rows(runs["factored"])
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):  # the same loss curve (and gradient norms, validation losses) to 1e-4
-        for key in ("loss", "grad_norm", "val_loss"):
-            assert (key in ra) == (key in rb) and abs(ra.get(key, 0) - rb.get(key, 0)) <= 1e-4, (key, ra, rb)
+    _assert_same_curve(_rows(runs["compose"]), _rows(runs["factored"]))
 
     # auto: resumed from step 4, the same kernels are chosen and the curve continues identically
     auto = runs["auto"]
     kernels = _summary(auto)["kernels"]
     assert set(kernels) == {"64->64", "64->176", "176->64"}
-    resumed = tmp_path / "pretrain" / "auto_resumed"
-    shutil.copytree(auto, resumed)
-    for p in (resumed / "checkpoints").glob("step_*.pt"):
-        if int(p.stem.split("_")[1]) > 4:
-            p.unlink()
-    (resumed / "checkpoints" / LATEST).write_text("step_000004.pt\n")
-    (resumed / "summary.json").unlink()
+    resumed = _copy_at_step_4(auto, tmp_path / "pretrain" / "auto_resumed")
     _pretrain(*base, "method.kernel=auto", "run_name=auto_resumed", "train.resume=true")
     assert _summary(resumed)["kernels"] == kernels
     assert _rows(resumed) == _rows(auto)
@@ -287,3 +297,24 @@ def test_cuda_kernels_match_reference(kernel, dtype):
     _assert_same(got, want, **tol)
     assert layer._csr._plan is None or layer._csr._plan.device.type == "cuda"
     assert choose_kernels(torch.nn.Sequential(_layer(kernel="auto").cuda()), 512, dtype, "cuda")
+
+
+def test_compiled_blocks_train_like_eager_and_resume_either_way(tmp_path, cache_dir):
+    # train.compile=true: the decoder blocks run under torch.compile (SparseLowRankLinear eager inside); the same loss
+    # curve as eager to 1e-4, and a run may be resumed with the flag flipped (it only moves rounding)
+    from torch._dynamo.utils import counters
+
+    from helpers import tiny_overrides
+
+    base = tiny_overrides(tmp_path, "method=sltrain", "rank=8", "method.kernel=factored")
+    _pretrain(*base, "run_name=eager")
+    torch._dynamo.reset()
+    counters.clear()
+    _pretrain(*base, "train.compile=true", "run_name=compiled")
+    assert counters["stats"]["unique_graphs"] >= 1  # something was compiled, not silently run eager
+    eager = _rows(tmp_path / "pretrain" / "eager")
+    _assert_same_curve(eager, _rows(tmp_path / "pretrain" / "compiled"))
+    # an eager run resumed at step 4 under compile
+    resumed = _copy_at_step_4(tmp_path / "pretrain" / "eager", tmp_path / "pretrain" / "eager_resumed")
+    _pretrain(*base, "run_name=eager_resumed", "train.resume=true", "train.compile=true")
+    _assert_same_curve(_rows(resumed), eager)

@@ -222,6 +222,17 @@ class LlamaForCausalLM(nn.Module):
             elif hasattr(module, "reset_parameters") and any(True for _ in module.parameters(recurse=False)):
                 module.reset_parameters()
 
+    def compile_blocks(self, **options) -> None:
+        """``torch.compile`` every decoder block in place (regional compilation: the identical blocks share one
+        compiled graph, and parameter names, state dicts, DDP and FSDP2 see no change). Layers with a
+        ``prepare_compile`` hook run it first (SparseLowRankLinear stays eager inside). The embedding and the chunked
+        loss stay eager."""
+        for module in self.modules():
+            if hasattr(module, "prepare_compile"):
+                module.prepare_compile()
+        for block in self.layers:
+            block.compile(**options)
+
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> CausalLMOutput:
         """input_ids, labels: (batch, seq) int64; the loss predicts labels[:, 1:] from positions [:, :-1]."""
         t = input_ids.shape[1]

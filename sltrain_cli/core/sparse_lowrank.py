@@ -138,6 +138,15 @@ class SparseLowRankLinear(nn.Module):
     redraws it from that seed (identical result) unless it was set explicitly with ``set_support`` (e.g. ``top``).
     """
 
+    @classmethod
+    def prepare_compile(cls) -> None:
+        """Run this layer eagerly inside torch.compile'd code (LlamaForCausalLM.compile_blocks, train.compile): its
+        kernels are fused by hand already, and dynamo traces neither the CSR plan's construction nor torch's sparse
+        CSR products. Applied on first use, not at import, so that importing the layer never imports dynamo."""
+        if not getattr(cls.forward, "_eager_under_compile", False):
+            cls.forward = torch.compiler.disable(cls.forward)
+            cls.forward._eager_under_compile = True
+
     def __init__(self, in_features: int, out_features: int, rank: int, delta: float, alpha: float,
                  bias: bool = False, support_seed: Optional[int] = None,
                  index_dtype: Union[torch.dtype, str] = torch.int64, support: str = "random",
