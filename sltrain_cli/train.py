@@ -247,6 +247,7 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
     model.activation_checkpointing = tcfg.activation_checkpointing
     if tcfg.compile:  # before DDP/FSDP2 wrap the blocks; compiles lazily, at the first step
         model.compile_blocks()
+        rt.print("train.compile: the decoder blocks compile during the first step (tens of seconds)")
     counts = count_parameters(model)
     distributed.check_supports_agree(model, rt)
     autocast = autocast_for(tcfg.precision, device)
