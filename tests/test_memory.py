@@ -1,7 +1,6 @@
 """Memory estimate (paper convention and fuller figures), config loading, and measurement."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -110,11 +109,15 @@ def test_figure3_7b(method, optimizer, layerwise, paper_gb, tol):
     assert r["full_total_gb"] == pytest.approx(paper_gb, rel=tol)
 
 
-def test_estimate_is_instant_for_7b():
-    t = time.perf_counter()
+def test_estimate_for_7b_builds_nothing_real():
+    # the estimate counts a model built on the meta device: a real 7B build would need ~27 GB (fp32 weights alone);
+    # the process's peak resident set may not grow by even 1 GB (a memory bound, not a timing assert)
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     rows = [estimate_memory(paper_cfg("7b"), m, optimizer="adam8bit", layerwise=True)
             for m in ("full", "lowrank", "relora", "galore", "sltrain", "sparse")]
-    assert time.perf_counter() - t < 1.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2 ** 20
     assert all(r["full_total_gb"] > 0 for r in rows)
 
 
