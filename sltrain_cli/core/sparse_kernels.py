@@ -227,14 +227,18 @@ def _slab_cap(in_f: int, out_f: int) -> int:
     return max(16, (in_f * out_f) // (4 * (in_f + out_f)) // 16 * 16)
 
 
-def _slab(rows: int, tokens: int, cols: int = 0) -> int:
-    cap = _slab_cap(rows, cols) if cols else tokens
-    return max(16, min(tokens, cap, (_SLAB_BYTES // max(1, rows * 4)) // 16 * 16))
+def _tokens_within(nbytes: int, rows: int) -> int:
+    """Tokens (a multiple of 16) whose fp32 slab of ``rows`` numbers each fits in ``nbytes``."""
+    return (nbytes // max(1, rows * 4)) // 16 * 16
+
+
+def _slab(in_f: int, out_f: int, tokens: int) -> int:
+    """Forward's sparse chunk: a slab of x^T (in, c) within _SLAB_BYTES."""
+    return max(16, min(tokens, _slab_cap(in_f, out_f), _tokens_within(_SLAB_BYTES, in_f)))
 
 
 def _bwd_step(in_f: int, out_f: int, tokens: int) -> int:
-    step = min(tokens, _slab_cap(in_f, out_f), (_BWD_SLAB_BYTES // max(1, max(in_f, out_f) * 4)) // 16 * 16)
-    return max(_BWD_STEP, step)
+    return max(_BWD_STEP, min(tokens, _slab_cap(in_f, out_f), _tokens_within(_BWD_SLAB_BYTES, max(in_f, out_f))))
 
 
 def _keeps_xa(tokens: int, rank: int, out_f: int, in_f: int) -> bool:
@@ -285,7 +289,7 @@ class _FactoredFn(torch.autograd.Function):
                 y = torch.zeros(T, out_features, dtype=acc, device=device)
             if values is not None:
                 S = plan.S(values.to(sp))
-                step = _slab(in_features, T, out_features)
+                step = _slab(in_features, out_features, T)
                 for t0 in range(0, T, step):
                     xT = x2[t0:t0 + step].t().to(sp).contiguous()  # (in, c): the slab the sparse product reads
                     y[t0:t0 + step].add_(torch.mm(S, xT).t())
@@ -399,7 +403,7 @@ def kernel_cost(kernel: str, tokens: int, n_in: int, n_out: int, rank: int, nnz:
             calls += 7 * -(-T // _lowrank_chunk(rank, n_out, n_in))
     if nnz:
         work += c["sparse"] * 3 * T * nnz + c["f_pass"] * T * (n_in + n_out)
-        calls += 3 * -(-T // _slab(n_in, T, n_out)) + 4 * -(-T // _bwd_step(n_in, n_out, T))
+        calls += 3 * -(-T // _slab(n_in, n_out, T)) + 4 * -(-T // _bwd_step(n_in, n_out, T))
     return work / c["rate"] + calls * c["call"]
 
 
