@@ -83,11 +83,11 @@ def test_kernels_match_reference_bf16(kernel, rank, delta):
     _assert_same((y.float(), dx.float(), {n: v.float() for n, v in g.items()}), want, rtol=0.05, atol=0.1)
 
 
-def test_factored_equals_compose_when_every_loop_runs_in_chunks(monkeypatch):
+@pytest.mark.parametrize("bwd_steps", [(5, 5), (4, 7), (7, 3)])  # backward: one shared loop, or one per product
+def test_factored_equals_compose_when_every_loop_runs_in_chunks(monkeypatch, bwd_steps):
     # tiny slabs and chunks: the token loops of the sparse products and of the recomputed x A^T run many times
     monkeypatch.setattr(sk, "_SLAB_BYTES", 64)
-    monkeypatch.setattr(sk, "_BWD_STEP", 5)
-    monkeypatch.setattr(sk, "_BWD_SLAB_BYTES", 64)
+    monkeypatch.setattr(sk, "_bwd_steps", lambda in_f, out_f, tokens: bwd_steps)
     monkeypatch.setattr(sk, "_lowrank_chunk", lambda rank, out_f, in_f: 7)
     layer = _layer(n_in=6, n_out=5, rank=2, delta=0.3, kernel="factored")  # T r = 60 > in out = 30: recompute x A^T
     x = torch.randn(30, 6)

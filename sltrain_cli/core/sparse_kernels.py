@@ -159,7 +159,7 @@ class CsrPlan:
         t_order = torch.argsort(cols * out_features + rows)  # S^T row-major = S column-major
         self.t_crow = self._crow(cols, in_features).to(itype)
         self.t_col = rows[t_order].to(itype)
-        self.t_perm = t_order if order is None else order[t_order]
+        self.t_perm = (t_order if order is None else order[t_order]).to(itype)  # index_select takes int32
         self.size, self.nnz, self.device = (out_features, in_features), idx.numel(), dev
 
     @staticmethod
@@ -169,11 +169,11 @@ class CsrPlan:
         return crow
 
     def S(self, values: torch.Tensor) -> torch.Tensor:
-        v = values if self.perm is None else values[self.perm]
+        v = values if self.perm is None else values.index_select(0, self.perm)
         return _csr(self.crow, self.col, v, self.size)
 
     def St(self, values: torch.Tensor) -> torch.Tensor:
-        return _csr(self.t_crow, self.t_col, values[self.t_perm], self.size[::-1])
+        return _csr(self.t_crow, self.t_col, values.index_select(0, self.t_perm), self.size[::-1])
 
     def unpermute(self, csr_values: torch.Tensor) -> torch.Tensor:
         """Values in S's CSR order -> the layer's flat order."""
@@ -214,10 +214,15 @@ class CsrCache:
 
 # ------------------------------------------------------------------------------------------------ factored
 _SLAB_BYTES = 1 << 19  # the slab of x^T a forward sparse product reads per chunk (fits the 2 MB L2 with its output)
-# Backward's sparse chunk: S^T g^T and the sampled product share one fp32 slab of g^T (out, c) and read x (c, in);
-# the larger side's slab is kept within ~3/4 of that L2, and at least _BWD_STEP tokens. Measured (one thread, 512
-# tokens): 4096->11008 best at 32 tokens (64 was 1.4x slower there), 2048-wide shapes at 64-192.
-_BWD_SLAB_BYTES = 3 << 19
+# Backward's two sparse products each read one slab at random rows: S^T g^T the slab of g^T (out, c), the sampled
+# product for dvalues the slab of x^T (in, c). Each slab is kept within half of that L2, with at least _BWD_STEP
+# tokens, and one loop shares the slab of g^T at the smaller of the two chunks -- unless that would leave the sampled
+# product under _DV_MIN tokens, too few to amortise its per-entry dot products: then each runs its own loop. Measured
+# (one thread, 512 tokens, interleaved): at 4096->11008 S^T g^T is best at 32 tokens (48 is 1.8x slower) and the
+# sampled product at 48-64 (32 is 1.2x slower), so the two loops there save ~5% of the whole layer; at 2048->5461
+# a second loop costs 3-5% (its extra copy of g^T) and both products are as fast at 48 tokens as at 64.
+_BWD_SLAB_BYTES = 1 << 20
+_DV_MIN = 48
 _BWD_STEP = 32
 
 
@@ -237,8 +242,14 @@ def _slab(in_f: int, out_f: int, tokens: int) -> int:
     return max(16, min(tokens, _slab_cap(in_f, out_f), _tokens_within(_SLAB_BYTES, in_f)))
 
 
-def _bwd_step(in_f: int, out_f: int, tokens: int) -> int:
-    return max(_BWD_STEP, min(tokens, _slab_cap(in_f, out_f), _tokens_within(_BWD_SLAB_BYTES, max(in_f, out_f))))
+def _bwd_steps(in_f: int, out_f: int, tokens: int) -> tuple[int, int]:
+    """Backward's sparse chunks (for S^T g^T, for the sampled product); equal when one loop serves both."""
+    def step(rows: int) -> int:  # tokens whose slab of ``rows`` read at random fits
+        return max(_BWD_STEP, min(tokens, _slab_cap(in_f, out_f), _tokens_within(_BWD_SLAB_BYTES, rows)))
+    st, dv = step(out_f), step(in_f)
+    if st < _DV_MIN < dv:
+        return st, dv
+    return min(st, dv), min(st, dv)
 
 
 def _keeps_xa(tokens: int, rank: int, out_f: int, in_f: int) -> bool:
@@ -322,13 +333,18 @@ class _FactoredFn(torch.autograd.Function):
                 St = plan.St(values.to(sp)) if need_x else None
                 dvals = _csr(plan.crow, plan.col, torch.zeros(plan.nnz, dtype=sp, device=device), plan.size) \
                     if need_v else None
-                step = _bwd_step(in_f, out_f, T)
-                for t0 in range(0, T, step):
-                    gT = g2[t0:t0 + step].t().to(sp).contiguous()  # (out, c), shared by both products
-                    if need_x:
-                        dx[t0:t0 + step].copy_(torch.mm(St, gT).t())
-                    if need_v:  # dvalues[k] += sum_t g[t, row_k] x[t, col_k], in place
-                        torch.sparse.sampled_addmm(dvals, gT, x2[t0:t0 + step].to(sp), beta=1.0, out=dvals)
+                st_step, dv_step = _bwd_steps(in_f, out_f, T)
+                shared = need_x and need_v and st_step == dv_step  # one slab of g^T serves both products
+                if need_x:
+                    for t0 in range(0, T, st_step):
+                        gT = g2[t0:t0 + st_step].t().to(sp).contiguous()  # (out, c)
+                        dx[t0:t0 + st_step].copy_(torch.mm(St, gT).t())
+                        if shared:
+                            torch.sparse.sampled_addmm(dvals, gT, x2[t0:t0 + st_step].to(sp), beta=1.0, out=dvals)
+                if need_v and not shared:  # dvalues[k] += sum_t g[t, row_k] x[t, col_k], in place
+                    for t0 in range(0, T, dv_step):
+                        gT = g2[t0:t0 + dv_step].t().to(sp).contiguous()
+                        torch.sparse.sampled_addmm(dvals, gT, x2[t0:t0 + dv_step].to(sp), beta=1.0, out=dvals)
                 del St  # its permuted values copy: gone before the factor gradients pile up
                 if need_v:
                     dv = plan.unpermute(dvals.values()).to(values.dtype)
@@ -403,7 +419,8 @@ def kernel_cost(kernel: str, tokens: int, n_in: int, n_out: int, rank: int, nnz:
             calls += 7 * -(-T // _lowrank_chunk(rank, n_out, n_in))
     if nnz:
         work += c["sparse"] * 3 * T * nnz + c["f_pass"] * T * (n_in + n_out)
-        calls += 3 * -(-T // _slab(n_in, n_out, T)) + 4 * -(-T // _bwd_step(n_in, n_out, T))
+        st_step, dv_step = _bwd_steps(n_in, n_out, T)
+        calls += 3 * -(-T // _slab(n_in, n_out, T)) + 2 * -(-T // st_step) + 2 * -(-T // dv_step)
     return work / c["rate"] + calls * c["call"]
 
 
