@@ -17,6 +17,7 @@ live tensor storage created during the step, tracked op by op with a dispatch mo
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -115,20 +116,29 @@ def peak_growth(step, device) -> int:
     return tracker.peak
 
 
-def interleaved_medians(steps: dict, repeats: int, warmup: int, device) -> dict:
-    """Median seconds per step of each variant, timed round-robin (noise lands on every variant alike)."""
+def interleaved_medians(steps: dict, repeats: int, warmup: int, device, min_seconds: float = 0.0,
+                        max_rounds: int = 50) -> tuple:
+    """(median seconds per step of each variant, rounds), timed round-robin so that noise lands on every variant
+    alike. Cheap cases get more rounds: at least ``repeats``, and as many as fit ``min_seconds`` (the last warm-up
+    round's time sets the count), up to ``max_rounds``."""
     times = {m: [] for m in steps}
-    for _ in range(warmup):
+    round_s = 0.0
+    for _ in range(max(1, warmup)):
+        t_round = time.perf_counter()
         for m in steps:
             steps[m]()
-    for _ in range(repeats):
+        sync(device)
+        round_s = time.perf_counter() - t_round
+    rounds = max(repeats, min(max_rounds, math.ceil(min_seconds / max(round_s, 1e-9)))) if min_seconds > 0 else \
+        repeats
+    for _ in range(rounds):
         for m in steps:
             sync(device)
             t0 = time.perf_counter()
             steps[m]()
             sync(device)
             times[m].append(time.perf_counter() - t0)
-    return {m: statistics.median(v) for m, v in times.items()}
+    return {m: statistics.median(v) for m, v in times.items()}, rounds
 
 
 def bench_case(n_in, n_out, rank, delta, tokens, dtype, device, args) -> dict:
@@ -140,7 +150,9 @@ def bench_case(n_in, n_out, rank, delta, tokens, dtype, device, args) -> dict:
     probe = build("auto", n_in, n_out, rank, delta, "meta", dtype)
     picked = probe.choose_kernel(tokens, dtype, device)
     steps = {m: make_step(layers[m], x, g) for m in methods}
-    row = {m: t * 1e3 for m, t in interleaved_medians(steps, args.repeats, args.warmup, device).items()}
+    medians, rounds = interleaved_medians(steps, args.repeats, args.warmup, device, args.min_seconds)
+    row = {m: t * 1e3 for m, t in medians.items()}
+    row["rounds"] = rounds
     if not args.time_auto and picked in row:
         row["auto"] = row[picked]
     row["picked"] = picked
@@ -153,13 +165,15 @@ def bench_case(n_in, n_out, rank, delta, tokens, dtype, device, args) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="60M shapes, 2048 tokens, fp32, 3 repeats")
+    p.add_argument("--quick", action="store_true", help="60M shapes, 2048 tokens, fp32, 3 rounds")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--tokens", nargs="+", type=int, default=[512, 2048, 8192])
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 5; 3 with --quick)")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--min-seconds", type=float, default=10.0,
+                   help="time cheap cases for more rounds than --repeats, as many as fit this many seconds (max 50)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--time-auto", action="store_true", help="time auto as its own layer instead of reusing the "
@@ -167,7 +181,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     args = p.parse_args(argv)
     if args.quick:
-        args.shapes, args.tokens, args.dtypes = ["60m"], [2048], ["fp32"]
+        args.shapes, args.tokens, args.dtypes, args.min_seconds = ["60m"], [2048], ["fp32"], 0.0
     args.repeats = args.repeats or (3 if args.quick else 5)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -177,10 +191,11 @@ def main(argv=None) -> None:
         torch.zeros(1, device=device).sum()  # create the CUDA context on this thread before autograd's does
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
-    print(f"# bench_layer: {where}, torch {torch.__version__}, median of {args.repeats} interleaved fwd+bwd steps "
-          f"(after {args.warmup} warm-up); ratios to dense")
+    print(f"# bench_layer: {where}, torch {torch.__version__}, median of interleaved fwd+bwd steps (at least "
+          f"{args.repeats} rounds, more where {args.min_seconds:g} s fit more, after {args.warmup} warm-up); ratios "
+          f"to dense")
     cols = ["dense"] + [m for m in METHODS[1:] if m in args.methods] + ["auto"]
-    head = "| shape (rank, delta) | tokens | dtype | " + " | ".join(
+    head = "| shape (rank, delta) | tokens | dtype | rounds | " + " | ".join(
         f"{m} ms" + ("" if m == "dense" else " (x)") for m in cols)
     if not args.no_memory:
         head += " | " + " | ".join(f"{m} MB" + ("" if m == "dense" else " (x)") for m in cols)
@@ -203,8 +218,8 @@ def main(argv=None) -> None:
                             key = f"{m}_mem"
                             cells.append("-" if key not in r else f"{r[key]:.1f}" if m == "dense" else
                                          f"{r[key]:.1f} ({r[key] / max(r['dense_mem'], 1e-9):.2f})")
-                    print(f"| {n_in}->{n_out} ({rank}, {delta:g}) | {tokens} | {dname} | " + " | ".join(cells) + " |",
-                          flush=True)
+                    lead = f"| {n_in}->{n_out} ({rank}, {delta:g}) | {tokens} | {dname} | {r['rounds']} | "
+                    print(lead + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
