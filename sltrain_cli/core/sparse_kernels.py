@@ -219,7 +219,7 @@ _SLAB_BYTES = 1 << 19  # the slab of x^T a forward sparse product reads per chun
 # tokens, and one loop shares the slab of g^T at the smaller of the two chunks -- unless that would leave the sampled
 # product under _DV_MIN tokens, too few to amortise its per-entry dot products: then each runs its own loop. Measured
 # (one thread, 512 tokens, interleaved): at 4096->11008 S^T g^T is best at 32 tokens (48 is 1.8x slower) and the
-# sampled product at 48-64 (32 is 1.2x slower), so the two loops there save ~5% of the whole layer; at 2048->5461
+# sampled product at 48-64 (32 is 1.2x slower), so the two loops there save ~4% of the layer's time; at 2048->5461
 # a second loop costs 3-5% (its extra copy of g^T) and both products are as fast at 48 tokens as at 64.
 _BWD_SLAB_BYTES = 1 << 20
 _DV_MIN = 48
