@@ -3,9 +3,11 @@
 For each shape (in -> out, rank, delta), token count and dtype it prints the median wall time of forward + backward
 (input gradient included, as inside a network) and the peak memory growth during that step (activations saved,
 transient tensors, gradients), each with its ratio to dense. Variants run interleaved, round-robin, so load on a
-shared machine hits them alike. ``auto`` is the kernel SparseLowRankLinear(kernel="auto") picks at its first call
-for that token count (the analytic cost model in sltrain_cli/core/sparse_kernels.py); its time is the measured time
-of that kernel (the same code), unless --time-auto times it as a separate layer. Printed only, never asserted.
+shared machine hits them alike; each case runs at least --repeats rounds, and as many as fit --min-seconds (at
+most 50), so cheap cases get steadier medians. ``auto`` is the kernel SparseLowRankLinear(kernel="auto") picks at
+its first call for that token count (the analytic cost model in sltrain_cli/core/sparse_kernels.py); its time is
+the measured time of that kernel (the same code), unless --time-auto times it as a separate layer. Printed only,
+never asserted.
 
     python benchmarks/bench_layer.py --threads 1                   # 60M, 1B and 7B shapes, 512/2048/8192 tokens
     python benchmarks/bench_layer.py --quick                       # a small subset (seconds)
