@@ -232,21 +232,21 @@ def _slab_cap(in_f: int, out_f: int) -> int:
     return max(16, (in_f * out_f) // (4 * (in_f + out_f)) // 16 * 16)
 
 
-def _tokens_within(nbytes: int, rows: int) -> int:
-    """Tokens (a multiple of 16) whose fp32 slab of ``rows`` numbers each fits in ``nbytes``."""
-    return (nbytes // max(1, rows * 4)) // 16 * 16
+def _chunk(in_f: int, out_f: int, tokens: int, rows: int, nbytes: int, least: int) -> int:
+    """Tokens per sparse chunk (a multiple of 16): the fp32 slab of ``rows`` numbers per token that the product reads
+    at random stays within ``nbytes``, and within _slab_cap and the micro-batch; at least ``least`` tokens."""
+    return max(least, min(tokens, _slab_cap(in_f, out_f), (nbytes // max(1, rows * 4)) // 16 * 16))
 
 
 def _slab(in_f: int, out_f: int, tokens: int) -> int:
     """Forward's sparse chunk: a slab of x^T (in, c) within _SLAB_BYTES."""
-    return max(16, min(tokens, _slab_cap(in_f, out_f), _tokens_within(_SLAB_BYTES, in_f)))
+    return _chunk(in_f, out_f, tokens, in_f, _SLAB_BYTES, 16)
 
 
 def _bwd_steps(in_f: int, out_f: int, tokens: int) -> tuple[int, int]:
     """Backward's sparse chunks (for S^T g^T, for the sampled product); equal when one loop serves both."""
-    def step(rows: int) -> int:  # tokens whose slab of ``rows`` read at random fits
-        return max(_BWD_STEP, min(tokens, _slab_cap(in_f, out_f), _tokens_within(_BWD_SLAB_BYTES, rows)))
-    st, dv = step(out_f), step(in_f)
+    st = _chunk(in_f, out_f, tokens, out_f, _BWD_SLAB_BYTES, _BWD_STEP)  # S^T g^T reads rows of g^T
+    dv = _chunk(in_f, out_f, tokens, in_f, _BWD_SLAB_BYTES, _BWD_STEP)  # the sampled product reads rows of x^T
     if st < _DV_MIN < dv:
         return st, dv
     return min(st, dv), min(st, dv)
@@ -335,16 +335,22 @@ class _FactoredFn(torch.autograd.Function):
                     if need_v else None
                 st_step, dv_step = _bwd_steps(in_f, out_f, T)
                 shared = need_x and need_v and st_step == dv_step  # one slab of g^T serves both products
+
+                def g_slab(t0, c):  # (out, c)
+                    return g2[t0:t0 + c].t().to(sp).contiguous()
+
+                def add_dvalues(gT, t0, c):  # dvalues[k] += sum_t g[t, row_k] x[t, col_k], in place
+                    torch.sparse.sampled_addmm(dvals, gT, x2[t0:t0 + c].to(sp), beta=1.0, out=dvals)
+
                 if need_x:
                     for t0 in range(0, T, st_step):
-                        gT = g2[t0:t0 + st_step].t().to(sp).contiguous()  # (out, c)
+                        gT = g_slab(t0, st_step)
                         dx[t0:t0 + st_step].copy_(torch.mm(St, gT).t())
                         if shared:
-                            torch.sparse.sampled_addmm(dvals, gT, x2[t0:t0 + st_step].to(sp), beta=1.0, out=dvals)
-                if need_v and not shared:  # dvalues[k] += sum_t g[t, row_k] x[t, col_k], in place
+                            add_dvalues(gT, t0, st_step)
+                if need_v and not shared:
                     for t0 in range(0, T, dv_step):
-                        gT = g2[t0:t0 + dv_step].t().to(sp).contiguous()
-                        torch.sparse.sampled_addmm(dvals, gT, x2[t0:t0 + dv_step].to(sp), beta=1.0, out=dvals)
+                        add_dvalues(g_slab(t0, dv_step), t0, dv_step)
                 del St  # its permuted values copy: gone before the factor gradients pile up
                 if need_v:
                     dv = plan.unpermute(dvals.values()).to(values.dtype)
