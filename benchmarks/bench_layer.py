@@ -19,7 +19,6 @@ live tensor storage created during the step, tracked op by op with a dispatch mo
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -121,25 +120,21 @@ def peak_growth(step, device) -> int:
 def interleaved_medians(steps: dict, repeats: int, warmup: int, device, min_seconds: float = 0.0,
                         max_rounds: int = 50) -> tuple:
     """(median seconds per step of each variant, rounds), timed round-robin so that noise lands on every variant
-    alike. Cheap cases get more rounds: at least ``repeats``, and as many as fit ``min_seconds`` (the last warm-up
-    round's time sets the count), up to ``max_rounds``."""
+    alike. Cheap cases get more rounds: at least ``repeats``, and more while the timed rounds have taken under
+    ``min_seconds``, up to ``max_rounds``."""
     times = {m: [] for m in steps}
-    round_s = 0.0
-    for _ in range(max(1, warmup)):
-        t_round = time.perf_counter()
+    for _ in range(warmup):
         for m in steps:
             steps[m]()
-        sync(device)
-        round_s = time.perf_counter() - t_round
-    rounds = max(repeats, min(max_rounds, math.ceil(min_seconds / max(round_s, 1e-9)))) if min_seconds > 0 else \
-        repeats
-    for _ in range(rounds):
+    rounds, start = 0, time.perf_counter()
+    while rounds < repeats or (rounds < max_rounds and time.perf_counter() - start < min_seconds):
         for m in steps:
             sync(device)
             t0 = time.perf_counter()
             steps[m]()
             sync(device)
             times[m].append(time.perf_counter() - t0)
+        rounds += 1
     return {m: statistics.median(v) for m, v in times.items()}, rounds
 
 
@@ -175,7 +170,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed steps per variant (default 5; 3 with --quick)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--min-seconds", type=float, default=10.0,
-                   help="time cheap cases for more rounds than --repeats, as many as fit this many seconds (max 50)")
+                   help="time cheap cases for more rounds than --repeats, while the rounds take under this (max 50)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--time-auto", action="store_true", help="time auto as its own layer instead of reusing the "
