@@ -3,14 +3,21 @@
 Checkpoints hold only tensors, numbers, strings and plain containers, so ``torch.load(path,
 weights_only=True)`` reads them. Files are written through files.py (temp file, fsync, rename).
 
+Damaged bytes are detected, not only truncation: torch's zip format checks no checksum when it reads tensor
+data, so a single-file checkpoint carries ``checksum`` (CRC-32 over every tensor's bytes, dtype and shape, in
+the state's order) and a sharded one ``checksums.json`` (CRC-32 of each of its files). ``checkpoint_problem``
+recomputes them; a checkpoint written before checksums existed is checked by loading it.
+
 Layout: ``RUN_DIR/checkpoints/step_000100.pt`` plus ``latest`` (a text file naming the newest). Sharded
 (FSDP) checkpoints are folders ``step_000100/`` written with torch.distributed.checkpoint.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import zlib
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -26,10 +33,49 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+CHECKSUM = "checksum"  # the key of a single-file checkpoint's CRC-32 over its tensors
+SHARD_CHECKSUMS = "checksums.json"  # a sharded checkpoint's CRC-32 of each file
+
+
+def tensor_checksum(state) -> int:
+    """CRC-32 over every tensor in ``state`` (nested dicts / lists), its dtype and shape included, in order."""
+    crc = 0
+
+    def walk(obj) -> None:
+        nonlocal crc
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous().reshape(-1)
+            crc = zlib.crc32(f"{t.dtype}{tuple(obj.shape)}".encode(), crc)
+            crc = zlib.crc32(t.view(torch.uint8).numpy(), crc)
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                if key != CHECKSUM:
+                    walk(value)
+        elif isinstance(obj, (list, tuple)):
+            for value in obj:
+                walk(value)
+
+    walk(state)
+    return crc
+
+
+def file_checksums(folder: Path) -> dict:
+    """{relative path: CRC-32 of its bytes} of every file under ``folder`` but the checksum file itself."""
+    sums = {}
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != SHARD_CHECKSUMS):
+        crc = 0
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                crc = zlib.crc32(chunk, crc)
+        sums[str(path.relative_to(folder))] = crc
+    return sums
+
+
 def save_checkpoint(ckpt_dir: Path, step: int, state: dict) -> Path:
-    """Save a full (unsharded) checkpoint atomically and point ``latest`` at it."""
+    """Save a full (unsharded) checkpoint, with the checksum of its tensors, atomically and point ``latest`` at
+    it."""
     path = ckpt_dir / f"{checkpoint_name(step)}.pt"
-    atomic_torch_save(path, state)
+    atomic_torch_save(path, {**state, CHECKSUM: tensor_checksum(state)})
     atomic_write(ckpt_dir / LATEST, path.name + "\n")
     return path
 
@@ -51,18 +97,34 @@ def list_checkpoints(ckpt_dir: Path) -> List[Path]:
 
 
 def checkpoint_problem(path: Path) -> Optional[str]:
-    """None when ``path`` is a loadable sltrain checkpoint, else why not (one short phrase)."""
+    """None when ``path`` is a loadable, undamaged sltrain checkpoint, else why not (one short phrase). Reads
+    every byte of it (the checksums), so a damaged file is caught here and not halfway through a load."""
     path = Path(path)
     if path.is_dir() and not (path / ".metadata").is_file():
         return "a sharded checkpoint folder without .metadata"
+    if path.is_dir() and (path / SHARD_CHECKSUMS).is_file():
+        try:
+            expected = json.loads((path / SHARD_CHECKSUMS).read_text())
+        except (OSError, ValueError):
+            return f"its {SHARD_CHECKSUMS} is unreadable"
+        found = file_checksums(path)
+        bad = sorted(name for name in expected if found.get(name) != expected[name])
+        if bad:
+            return f"damaged: {bad[0]} does not match its checksum"
     try:
         state = torch.load(path / "extra.pt" if path.is_dir() else path, map_location="cpu", weights_only=True,
                            mmap=True)
     except Exception as err:  # noqa: BLE001 - truncated, empty, not a torch file, unreadable: all the same to us
-        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        return f"{type(err).__name__}{': ' + text[:120] if text else ''}"
+        return f"not a readable PyTorch checkpoint ({type(err).__name__})"
     if not isinstance(state, dict) or "config" not in state or "step" not in state:
         return "not an sltrain checkpoint (no config / step inside)"
+    try:
+        if CHECKSUM in state and tensor_checksum(state) != state[CHECKSUM]:
+            return "damaged: its tensor data does not match its checksum"
+        if CHECKSUM not in state and not path.is_dir():  # written before checksums: read every tensor
+            tensor_checksum(state)
+    except Exception as err:  # noqa: BLE001 - a tensor whose bytes cannot be read back
+        return f"damaged: a tensor cannot be read ({type(err).__name__})"
     return None
 
 
@@ -94,13 +156,14 @@ def prune_checkpoints(ckpt_dir: Path, keep: int, final_step: int) -> List[Path]:
     return older
 
 
-def resolve_checkpoint(path_or_run: Path | str) -> Path:
-    """A checkpoint file/folder, or a run folder (-> its latest checkpoint)."""
+def resolve_checkpoint(path_or_run: Path | str, warn: Optional[Callable[[str], None]] = None) -> Path:
+    """A checkpoint file/folder, or a run folder (-> its newest good checkpoint; each damaged one skipped is
+    reported through ``warn``)."""
     path = Path(path_or_run)
     if path.is_dir() and (path / "checkpoints").is_dir():
-        found = latest_checkpoint(path / "checkpoints")
+        found = latest_checkpoint(path / "checkpoints", warn)
         if found is None:
-            raise FileNotFoundError(f"no checkpoint in {path / 'checkpoints'}")
+            raise FileNotFoundError(f"no loadable checkpoint in {path / 'checkpoints'}")
         return found
     if path.is_dir() and not (path / ".metadata").is_file() and not (path / "extra.pt").is_file():
         raise FileNotFoundError(f"{path} holds no checkpoint (a run folder has checkpoints/; a sharded "
@@ -111,6 +174,12 @@ def resolve_checkpoint(path_or_run: Path | str) -> Path:
             raise FileNotFoundError(f"{path} is not a usable checkpoint: {problem}")
         return path
     raise FileNotFoundError(f"{path} is neither a run folder nor a checkpoint")
+
+
+def is_newest(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` is the highest step of its folder (damaged newer ones count: a fallback is not)."""
+    found = list_checkpoints(Path(checkpoint).parent)
+    return bool(found) and found[0].resolve() == Path(checkpoint).resolve()
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
@@ -159,6 +228,7 @@ def save_training_state(ckpt_dir: Path, step: int, model, optimizer, scheduler, 
         atomic_torch_save(tmp / "extra.pt", {"scheduler": sched, **extra})
     dist.barrier()
     if rt.is_main:
+        atomic_write(tmp / SHARD_CHECKSUMS, json.dumps(file_checksums(tmp), indent=1) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         mark_latest(ckpt_dir, final.name)

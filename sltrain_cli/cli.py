@@ -5,9 +5,11 @@ seed. See `sltrain COMMAND --help`.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -60,18 +62,30 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
 
 
 def _user_errors(fn):
-    """User mistakes: one line on stderr, exit code 2, no traceback. Ctrl-C: exit 130."""
+    """User mistakes: one line on stderr, exit code 2, no traceback. A signal: exit 128 + its number. A full disk
+    anywhere: one line, exit 2 (what was written before stays whole: every write is atomic)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .signals import Interrupted
+
         try:
             return fn(*args, **kwargs)
         except UserError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
+        except Interrupted as err:
+            typer.echo(f"interrupted ({err})", err=True)
+            raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            typer.echo(f"error: no space left on the device of {err.filename or 'the output'}; free some space "
+                       "and run the command again", err=True)
+            raise typer.Exit(2) from None
 
     return wrapper
 
@@ -111,37 +125,89 @@ def pretrain(overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDE
     Every key, its default and its help: sltrain pretrain --print-config
     (add overrides to see their effect; keys the method ignores are marked).
     """
+    from .signals import StopSignal
+
+    with StopSignal() as stop:  # from the first moment to the last: a signal never kills the run unannounced
+        _pretrain(list(overrides or []), print_config, quiet, stop)
+
+
+def _pretrain(overrides: List[str], print_config: bool, quiet: bool, stop) -> None:
     from .catalog import summary_view, without_unused
     from .compose import load_config, to_yaml
     from .results import print_record, summary_row, upsert_row
     from .train import train
 
-    overrides = list(overrides or [])
     cfg = load_config(overrides)
     if print_config:
         typer.echo(to_yaml(cfg))
         return
     run_dir = run_dir_for("pretrain", cfg, overrides)
-    summary = train(cfg, run_dir, overrides, progress=not quiet)
+    _survive_closed_stdout()
+    summary = train(cfg, run_dir, overrides, progress=not quiet, stop=stop)
     if not _is_main():
-        return
-    row = without_unused(summary_row(summary))
-    if not summary.get("skipped"):
-        upsert_row(run_dir.parent / "results.csv", row)
+        raise typer.Exit(_exit_code(summary))
+    if summary.get("command"):  # a completed run skipped as already done still gets (or keeps) its row
+        upsert_row(run_dir.parent / "results.csv", without_unused(summary_row(summary)))
     print_record(summary_view(summary), title=f"pretrain -> {run_dir}")
-    if summary.get("val_ppl") is not None:
+    status = summary["status"]
+    if status == "completed" and summary.get("val_ppl") is not None:
         typer.echo(f"validation perplexity {summary['val_ppl']:.2f} on {summary['val_tokens']:,} tokens "
                    f"(unigram baseline of this corpus: {summary['unigram_ppl']:.2f})")
     resume = " ".join([*(o for o in overrides if not o.startswith("train.resume=")), "train.resume=true"])
-    if summary["status"] == "interrupted":
-        typer.echo(f"interrupted ({summary.get('signal', 'SIGINT')}) after step {summary['steps']}; "
-                   f"resume with: sltrain pretrain {resume}", err=True)
-        raise typer.Exit(summary.get("exit_code", 130))
-    if summary["status"] == "diverged":
-        typer.echo(f"diverged: non-finite loss or gradient norm at step {summary['diverged_step']}; the last good "
+    if status == "interrupted":
+        saved = f"step {summary['steps']} is saved" if summary.get("last_checkpoint") else "no checkpoint was saved"
+        typer.echo(f"interrupted ({summary.get('signal', 'SIGINT')}): {saved}; resume with: sltrain pretrain "
+                   f"{resume}", err=True)
+    elif status == "diverged":
+        typer.echo(f"diverged at step {summary['diverged_step']}: {summary.get('diverged_reason')}; the last "
                    f"checkpoint is {summary.get('last_checkpoint') or 'none'}. Lower the learning rate (lr=) or "
                    "enable clipping (optim.grad_clip=1.0) and start over with train.overwrite=true", err=True)
-        raise typer.Exit(3)
+    elif stop.requested:  # the signal came after summary.json was written: the run itself is complete
+        typer.echo(f"stopped by {stop.name} after the run completed (its files are written)", err=True)
+        raise typer.Exit(stop.exit_code)
+    code = _exit_code(summary)
+    if code:
+        raise typer.Exit(code)
+
+
+def _exit_code(summary: dict) -> int:
+    """0 completed (or skipped), 3 diverged, 128 + signal interrupted."""
+    return {"interrupted": summary.get("exit_code", 130), "diverged": 3}.get(summary["status"], 0)
+
+
+def _survive_closed_stdout() -> None:
+    """`sltrain pretrain ... | head -1`: once the reader has gone, further output is dropped instead of raising
+    BrokenPipeError into the run (a closed pipe must not decide a run's status)."""
+    if sys.stdout is not None and not isinstance(sys.stdout, _TolerantStream):
+        sys.stdout = _TolerantStream(sys.stdout)
+
+
+class _TolerantStream:
+    """A text stream whose writes after the reader closed the pipe go to /dev/null."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())  # the interpreter's final flush goes nowhere either
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 @app.command("eval-ppl", cls=GroupsHelp)
@@ -159,8 +225,8 @@ def eval_ppl(run: Path = typer.Argument(..., help="A run folder (its latest chec
     from .evaluate import evaluate_run
 
     result = evaluate_run(run, list(overrides or []))
-    typer.echo(f"{result['data']}: loss {result['val_loss']:.4f}  ppl {result['val_ppl']:.3f}  "
-               f"tokens {result['tokens']:,}  -> {result['path']}")
+    typer.echo(f"{result['data']} at step {result['step']}: loss {result['val_loss']:.4f}  ppl "
+               f"{result['val_ppl']:.3f}  tokens {result['tokens']:,}  -> {result['path']}")
 
 
 @app.command(cls=GroupsHelp)

@@ -114,14 +114,31 @@ PATH_KEYS = ("data.path",)  # comma lists of files: one value, never a grid (quo
 
 
 def quote_paths(overrides: Sequence[str]) -> List[str]:
-    """data.path=a.txt,b.txt -> data.path='a.txt,b.txt' (Hydra would read an unquoted comma list as a sweep)."""
+    """data.path=a.txt,b.txt -> data.path='a.txt,b.txt' (Hydra would read an unquoted comma list as a sweep);
+    a value with non-ASCII letters (run_name=première) is quoted too: Hydra's grammar takes them only quoted."""
     out = []
     for o in overrides:
         key, value = split_override(o)
-        if override_key(o) in PATH_KEYS and "," in value and value[:1] not in ("'", '"', "["):
+        unquoted = value[:1] not in ("'", '"', "[")
+        if unquoted and ((override_key(o) in PATH_KEYS and "," in value) or not value.isascii()):
             o = f"{key}={quote(value)}"
         out.append(o)
     return out
+
+
+def _check_appended_keys(overrides: Sequence[str], schema: DictConfig) -> None:
+    """``+key=value`` adds a key to the composed config, and the merge into the schema then drops it without a
+    word: a key that is not in the schema is refused here, as it is without the ``+``."""
+    for o in overrides:
+        key = split_override(o)[0]
+        bare = key.lstrip("+")
+        if bare == key or bare in GROUPS or bare.split(".")[0] == RECIPES_KEY:
+            continue
+        if OmegaConf.select(schema, bare, default=_ABSENT) is _ABSENT:
+            raise ConfigError(bare, "unknown key (see `sltrain pretrain --print-config` for the valid keys)")
+
+
+_ABSENT = object()
 
 
 def expand_grid(overrides: Sequence[str]) -> List[List[str]]:
@@ -207,6 +224,7 @@ def compose_dict(overrides: Sequence[str] = ()) -> DictConfig:
     overrides = quote_paths(expand_aliases(overrides))
     _check_group_options(overrides)
     schema = OmegaConf.structured(RunConfig)
+    _check_appended_keys(overrides, schema)
     try:
         cfg = _compose(overrides)
     except HydraException as err:

@@ -412,7 +412,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": TrainConfig.__doc__})
     seed: int = field(default=0, metadata={"help": "seed of model init (and everything not seeded elsewhere)"})
     out_dir: str = field(default="outputs", metadata={"help": "root of run folders"})
-    run_name: Optional[str] = field(default=None, metadata={"help": "run folder name; null = derived from the "
+    run_name: Optional[str] = field(default=None, metadata={"help": "run folder name (one name, no '/'), inside "
+                                                                    "out_dir/COMMAND; null = derived from the "
                                                                     "overrides"})
     timestamp: bool = field(default=False, metadata={"help": "append a time stamp to the derived run name"})
     method_recipes: Dict[str, Any] = field(default_factory=dict, metadata={
@@ -426,6 +427,11 @@ class RunConfig:
         # records such a trial as failed instead of refusing the whole grid.
         _check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
                f"must be <= model.max_seq_len={self.model.max_seq_len}, got {self.data.seq_len}")
+        if self.run_name is not None:
+            name = self.run_name
+            _check(bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+                   and "\0" not in name, "run_name",
+                   f"must be one folder name inside out_dir (no '/', not '.' or '..'), got {name!r}")
 
 
 # ----------------------------------------------------------------------------- field help

@@ -54,7 +54,7 @@ def evaluate_run(run: Path | str, overrides: Sequence[str] = ()) -> dict:
     """`sltrain eval-ppl`: load a run's checkpoint and tokenizer, evaluate on the configured corpus
     (the run's own unless overrides say otherwise) and write RUN_DIR/eval/<data>.json."""
     from . import data as data_lib
-    from .checkpoint import checkpoint_name, latest_checkpoint
+    from .checkpoint import checkpoint_name
     from .compose import load_config
     from .distributed import resolve_device
     from .files import read_overrides, write_json
@@ -83,9 +83,8 @@ def evaluate_run(run: Path | str, overrides: Sequence[str] = ()) -> dict:
         data_name += "_" + re.sub(r"[^A-Za-z0-9._-]", "_", Path(eval_cfg.data.path.split(",")[0]).stem)
     out = {"data": data_name, "data_path": eval_cfg.data.path, "split": "all" if whole else "validation",
            "val_loss": result["loss"], "val_ppl": result["ppl"],
-           "tokens": result["tokens"], "checkpoint": str(ckpt)}
-    latest = latest_checkpoint(run_dir / "checkpoints")
-    older = latest is None or ckpt.resolve() != latest.resolve()  # an earlier checkpoint: its own file
-    path = run_dir / "eval" / (f"{data_name}-{checkpoint_name(run.step)}.json" if older else f"{data_name}.json")
+           "tokens": result["tokens"], "checkpoint": str(ckpt), "step": run.step}
+    # an earlier checkpoint (chosen, or fallen back to past a damaged newer one) gets its own file
+    path = run_dir / "eval" / (f"{data_name}.json" if run.newest else f"{data_name}-{checkpoint_name(run.step)}.json")
     write_json(path, out)
     return {**out, "path": str(path)}

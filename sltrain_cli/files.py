@@ -28,8 +28,33 @@ def atomic_write(path: Path | str, data: bytes | str) -> None:
 
 
 def atomic_torch_save(path: Path | str, obj: Any) -> None:
-    """``torch.save(obj)`` with the same guarantee, written straight to the temp file (no copy in memory)."""
-    _write_then_replace(path, lambda f: torch.save(obj, f))
+    """``torch.save(obj)`` with the same guarantee, written straight to the temp file (no copy in memory).
+
+    torch's zip writer turns a failed write into ``RuntimeError: ... unexpected pos`` (a full disk among
+    them); the OSError that caused it is raised instead, so that callers can tell a full disk by its errno."""
+
+    def write(f: BinaryIO) -> None:
+        failed: list = []
+
+        class _Recorded:  # the file as torch sees it, remembering the OSError its write raised
+            def write(self, data):
+                try:
+                    return f.write(data)
+                except OSError as err:
+                    failed.append(err)
+                    raise
+
+            def flush(self):
+                return f.flush()
+
+        try:
+            torch.save(obj, _Recorded())
+        except RuntimeError:
+            if failed:
+                raise failed[0] from None
+            raise
+
+    _write_then_replace(path, write)
 
 
 def _write_then_replace(path: Path | str, write: Callable[[BinaryIO], Any]) -> None:

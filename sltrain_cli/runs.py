@@ -18,6 +18,7 @@ import dataclasses
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +26,7 @@ import torch
 
 from .checkpoint import (
     checkpoint_problem,
+    is_newest,
     latest_checkpoint,
     load_model_weights,
     resolve_checkpoint,
@@ -71,6 +73,11 @@ class LoadedRun:
     run_dir: Path
     step: int  # optimizer steps completed at the checkpoint
     checkpoint: Path
+    newest: bool = True  # the run's highest-step checkpoint (False: an earlier one, chosen or fallen back to)
+
+
+def _to_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _state_dict_mismatch(err: RuntimeError) -> str:
@@ -85,14 +92,15 @@ def _state_dict_mismatch(err: RuntimeError) -> str:
 
 
 def load_run(path: Path | str, *, key: str = "RUN", precision: Optional[Precision] = None,
-             device: torch.device | str = "cpu") -> LoadedRun:
-    """A run folder (its latest checkpoint), a checkpoint file or a sharded checkpoint folder -> LoadedRun.
+             device: torch.device | str = "cpu", warn=_to_stderr) -> LoadedRun:
+    """A run folder (its newest good checkpoint), a checkpoint file or a sharded checkpoint folder -> LoadedRun.
 
     The model has the run's vocabulary and method; its dtype is the run's (bf16 for bf16-pure) unless
-    ``precision`` says otherwise. A path that holds no checkpoint is a ConfigError naming ``key``.
+    ``precision`` says otherwise. A path that holds no checkpoint is a ConfigError naming ``key``; a damaged
+    checkpoint of a run folder is skipped with one line through ``warn`` (stderr by default).
     """
     try:
-        ckpt = resolve_checkpoint(path)
+        ckpt = resolve_checkpoint(path, warn)
     except FileNotFoundError as err:
         raise ConfigError(key, str(err)) from None
     run_dir = run_dir_of(ckpt)
@@ -111,7 +119,7 @@ def load_run(path: Path | str, *, key: str = "RUN", precision: Optional[Precisio
                                f"({_state_dict_mismatch(err)}); are its tokenizer/ and checkpoints/ from "
                                "different runs?") from None
     model.to(device).eval()
-    return LoadedRun(model, tokenizer, cfg, run_dir, int(extra.get("step", 0)), ckpt)
+    return LoadedRun(model, tokenizer, cfg, run_dir, int(extra.get("step", 0)), ckpt, is_newest(ckpt))
 
 
 # ----------------------------------------------------------------------------------------- the run folder
@@ -175,10 +183,17 @@ def check_run_dir(cfg: RunConfig, run_dir: Path, warn, probe_lock: bool = True
     except ValueError:
         earlier = None
     has_ckpt = latest_checkpoint(ckpt_dir) is not None
-    if earlier is None and not has_ckpt:
-        return None, None  # nothing of value there (a run that never got going)
     status = (earlier or {}).get("status", "interrupted")
     step = (earlier or {}).get("steps", "?")
+    if status == "diverged":
+        raise ConfigError("run_name", f"{run_dir} holds a run that diverged at step {step} "
+                                      f"({earlier.get('diverged_reason') or 'non-finite loss'}); the same settings "
+                                      "diverge again: change them (e.g. a lower lr=), or start over with "
+                                      "train.overwrite=true")
+    if status != "completed" and not has_ckpt:
+        if earlier is not None:
+            warn(f"{run_dir} holds an {status} run that saved no checkpoint; starting fresh")
+        return None, None  # nothing of value there (a run that never got going)
     if status == "completed":
         changes = config_changes(read_config_file(run_dir / "config.yaml"), current) \
             if (run_dir / "config.yaml").is_file() else [("config.yaml", "missing", "")]
@@ -220,8 +235,9 @@ def check_writable(path: Path) -> None:
         raise ConfigError("out_dir", f"cannot create {path}: {parent} is not a writable folder")
 
 
-def disk_full_error(run_dir: Path, step: int, last_good: Optional[Path]) -> UserError:
+def disk_full_error(run_dir: Path, step: Optional[int], last_good: Optional[Path]) -> UserError:
     free = shutil.disk_usage(run_dir).free if run_dir.exists() else 0
-    return UserError(f"out_dir: no space left on the device of {run_dir} ({free / 2**20:.0f} MiB free) while "
-                     f"saving step {step}; the last good checkpoint is {last_good or 'none'}; free some space and "
-                     "resume with train.resume=true")
+    when = f"after step {step}" if step is not None else "while preparing the run"
+    return UserError(f"out_dir: no space left on the device of {run_dir} ({free / 2**20:.0f} MiB free) {when}; "
+                     f"the last good checkpoint is {last_good or 'none'}; free some space and resume with "
+                     "train.resume=true")

@@ -21,8 +21,6 @@ import errno
 import json
 import math
 import resource
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -34,23 +32,33 @@ from . import distributed
 from .checkpoint import (
     load_training_state,
     prune_checkpoints,
+    resolve_checkpoint,
     save_training_state,
 )
 from .compose import METHOD_KEYS, to_container, to_yaml
-from .configs import MethodName, ModelConfig, Parallel, RunConfig, UserError
+from .configs import ConfigError, MethodName, ModelConfig, Parallel, RunConfig, UserError
 from .core import relora
 from .core.convert import check_method_fits, count_parameters
-from .core.optim import LayerwiseOptimizer, build_optimizer, build_scheduler, check_layerwise, optimizer_state_bytes
+from .core.optim import (
+    LayerwiseOptimizer,
+    build_optimizer,
+    build_scheduler,
+    check_layerwise,
+    optimizer_state_bytes,
+    warmup_steps,
+)
 from .core.sparse_lowrank import choose_kernels
 from .evaluate import evaluate_ppl
 from .files import (
     atomic_write,
     json_line,
+    read_summary,
     write_json,
     write_overrides,
 )
 from .results import RunSummary, plot_run_curves
 from .runs import autocast_for, build_model, check_run_dir, check_writable, disk_full_error, open_run_dir
+from .signals import Interrupted, StopSignal
 from .tokenizer import build_tokenizer
 from .tracking import Trackers, flops_per_token, memory_now, peak_flops, run_metadata
 
@@ -124,41 +132,6 @@ class TrainState:
         self.data, self.rng = state["data"], state["rng"]
 
 
-class StopSignal:
-    """SIGINT, SIGTERM and SIGUSR1 ask the loop to stop at the next step boundary (the handler only records the
-    signal); a second signal raises KeyboardInterrupt at once. Handlers are installed only in the main thread
-    and restored on exit."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self._old: dict = {}
-
-    def __enter__(self) -> "StopSignal":
-        if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
-        self._old = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt  # the second signal: abort now, without saving
-        self.signum = signum
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + (self.signum or signal.SIGINT)
-
-
 class _Metrics:
     """metrics.jsonl: one JSON object per logged step, the same rows to the trackers; on resume, rows past the
     checkpoint are dropped (the ones before it are kept byte for byte)."""
@@ -178,14 +151,60 @@ class _Metrics:
                 self.trackers.log(row)
 
 
+# ----------------------------------------------------------------------------------------- collapse
+COLLAPSE_LOGS = 5  # logged steps in a row, after warm-up, at a loss no better than a uniform prediction
+
+
+class CollapseWatch:
+    """A run whose model has collapsed is a diverged run, not a completed one (the loss and norms stay finite, so
+    the non-finite check cannot see it). Two signs:
+
+    - the training loss sits at or above ln(vocab size), the loss of a uniform prediction, at COLLAPSE_LOGS logged
+      steps in a row after the lr warm-up;
+    - the final validation perplexity is above the corpus's unigram perplexity although the training loss was once
+      below the unigram loss: the model learned at least the word frequencies and then lost them. (A run too short
+      to reach the unigram baseline is undertrained, not collapsed.)"""
+
+    def __init__(self, vocab_size: int, unigram_ppl: Optional[float], warmup_steps: int):
+        self.uniform_loss = math.log(vocab_size)
+        self.unigram_loss = math.log(unigram_ppl) if unigram_ppl else None
+        self.warmup_steps, self.run_of, self.beat_unigram = warmup_steps, [], False
+
+    def logged(self, step: int, loss: float) -> Optional[str]:
+        """Record a logged training loss; the reason when the run has collapsed, else None."""
+        if self.unigram_loss is not None and loss < self.unigram_loss:
+            self.beat_unigram = True
+        if step <= self.warmup_steps or loss < self.uniform_loss:
+            self.run_of = []
+            return None
+        self.run_of.append(step)
+        if len(self.run_of) < COLLAPSE_LOGS:
+            return None
+        return (f"training loss >= ln(vocab size) = {self.uniform_loss:.3f} (a uniform prediction) at steps "
+                f"{self.run_of[0]}-{self.run_of[-1]}, after the warm-up")
+
+    def final(self, val_ppl: float, unigram_ppl: Optional[float]) -> Optional[str]:
+        """The reason when the final validation perplexity says the run collapsed, else None."""
+        if self.beat_unigram and unigram_ppl and val_ppl > unigram_ppl:
+            return (f"final validation perplexity {val_ppl:.2f} is above the corpus's unigram perplexity "
+                    f"{unigram_ppl:.2f}, which the training loss had once beaten")
+        return None
+
+
 # ----------------------------------------------------------------------------------------- train
-def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress: bool = True) -> RunSummary:
+def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress: bool = True,
+          stop: Optional[StopSignal] = None) -> RunSummary:
     """Train one model as ``cfg`` says, writing everything into ``run_dir``; return the summary.
 
-    ``summary["status"]`` is completed, interrupted (``summary["exit_code"]`` 130 / 143 / 138 by signal) or
-    diverged; an identical run that already completed in ``run_dir`` is not trained again (its summary comes
-    back with ``skipped`` true).
+    ``summary["status"]`` is completed, interrupted (``summary["exit_code"]`` 130 / 143 / 138 by signal),
+    diverged (exit code 3) or failed; an identical run that already completed in ``run_dir`` is not trained
+    again (its summary comes back with ``skipped`` true). ``stop``: signal handlers the caller installed before
+    its own work (the CLI does); else this call installs its own for its duration.
     """
+    if stop is None:
+        with StopSignal() as own:
+            return train(cfg, run_dir, overrides, progress, own)
+    stop.abort_now()  # until the loop starts, a signal drops the work at once: nothing is worth saving yet
     rt = distributed.init(cfg.train.device)
     # an unset micro-batch is the global batch split over the processes: the resolved config records it
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=cfg.train.micro_batch(
@@ -202,6 +221,7 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
         raise UserError("train.parallel: fsdp does not support method=galore (its SVD needs whole gradients); "
                         "use train.parallel=ddp")
     check_method_fits(cfg.model, mcfg)
+    warm_start = check_warm_start(mcfg.warm_start)
 
     run_dir = Path(run_dir)
     check_writable(run_dir)
@@ -212,30 +232,101 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
         distributed.shutdown(rt)
         return {**done_before, "skipped": True}
 
-    # data and tokenizer (rank 0 trains/caches the tokenizer first, the others then read the cache); a bad
-    # corpus fails here, before the run folder is touched
-    with distributed.main_first(rt):
-        corpus, cache_root = data_lib.open_corpus(cfg.data), data_lib.cache_root(cfg.tokenizer)
-        tokenizer = build_tokenizer(corpus, cfg.tokenizer, cache_root)
-        train_stream, val_set = data_lib.build_datasets(corpus, tokenizer, rows_per_step=tcfg.total_batch_size,
-                                                        rank=rt.rank, world_size=rt.world_size, cache_root=cache_root)
     lock = None
-    if rt.is_main:
-        lock = open_run_dir(run_dir, fresh=resume_from is None)
-        atomic_write(run_dir / "config.yaml", to_yaml(cfg))
-        write_overrides(run_dir, overrides)
-        tokenizer.save(run_dir / "tokenizer")
-    distributed.barrier(rt)
     try:
-        return _train_in(cfg, run_dir, rt, accum, fsdp, resume_from, tokenizer, train_stream, val_set, progress)
+        # data and tokenizer (rank 0 trains/caches the tokenizer first, the others then read the cache); a bad
+        # corpus fails here, before the run folder is touched
+        with distributed.main_first(rt):
+            corpus, cache_root = data_lib.open_corpus(cfg.data), data_lib.cache_root(cfg.tokenizer)
+            tokenizer = build_tokenizer(corpus, cfg.tokenizer, cache_root)
+            train_stream, val_set = data_lib.build_datasets(corpus, tokenizer, rows_per_step=tcfg.total_batch_size,
+                                                            rank=rt.rank, world_size=rt.world_size,
+                                                            cache_root=cache_root)
+        if rt.is_main:
+            lock = open_run_dir(run_dir, fresh=resume_from is None)
+            atomic_write(run_dir / "config.yaml", to_yaml(cfg))
+            write_overrides(run_dir, overrides)
+            tokenizer.save(run_dir / "tokenizer")
+        distributed.barrier(rt)
+        return _train_in(cfg, run_dir, rt, accum, fsdp, resume_from, warm_start, tokenizer, train_stream, val_set,
+                         progress, stop)
+    except Interrupted as err:  # before the loop: the run folder keeps what it had (the checkpoint resumed from)
+        summary = _stopped_before_training(cfg, run_dir, resume_from, err, rt.world_size)
+        if rt.is_main:
+            try:
+                lock = lock or open_run_dir(run_dir, fresh=resume_from is None)
+                if resume_from is not None:  # what the run had reached stays described
+                    summary = {**(read_summary(run_dir) or {}), **summary}
+                _write_summary(run_dir, summary)
+            except (OSError, UserError) as write_err:
+                print(f"summary.json not written: {write_err}", flush=True)
+        return summary
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full_error(run_dir, None, resume_from) from None
+        raise
     finally:
         if lock is not None:
             lock.release()
         distributed.shutdown(rt)
 
 
-def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_from: Optional[Path], tokenizer,
-              train_stream, val_set, progress: bool) -> RunSummary:
+def check_warm_start(path: Optional[str]) -> Optional[Path]:
+    """method.warm_start (a checkpoint or a run folder) -> the checkpoint file, checked before any work."""
+    if not path:
+        return None
+    try:
+        return resolve_checkpoint(path)
+    except FileNotFoundError as err:
+        raise ConfigError("method.warm_start", str(err)) from None
+
+
+def _stopped_before_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path], err: Interrupted,
+                             world_size: int) -> RunSummary:
+    from .checkpoint import step_of
+
+    return {"command": "pretrain", "run": run_dir.name, "run_dir": str(run_dir), "model": cfg.model.name,
+            "method": cfg.method.name.value, "world_size": world_size,
+            "steps": step_of(resume_from) if resume_from else 0, "status": "interrupted", "exit_code": err.exit_code,
+            "signal": signal_name(err.signum), "last_checkpoint": str(resume_from) if resume_from else None,
+            "resumed_from_step": step_of(resume_from) if resume_from else None, "val_ppl": None, "val_loss": None,
+            "end_time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
+
+
+def _write_summary(run_dir: Path, summary: RunSummary) -> None:
+    """summary.json; a resumed run keeps its first segment's start, argv and the peak over all its segments,
+    and lists every segment."""
+    try:
+        earlier = read_summary(run_dir) or {}
+    except ValueError:
+        earlier = {}
+    segment = {k: summary.get(k) for k in SEGMENT_KEYS}
+    if earlier and summary.get("resumed_from_step") is not None:
+        segments = [*earlier.get("segments", [{k: earlier.get(k) for k in SEGMENT_KEYS}]), segment]
+        for key in ("start_time", "argv"):
+            if earlier.get(key) is not None:
+                summary[key] = earlier[key]
+        peaks = [s.get("peak_mem_bytes") for s in segments if s.get("peak_mem_bytes") is not None]
+        summary["peak_mem_bytes"] = max(peaks) if peaks else summary.get("peak_mem_bytes")
+    else:
+        segments = [segment]
+    summary["segments"] = segments
+    write_json(run_dir / "summary.json", summary)
+
+
+SEGMENT_KEYS = ("start_time", "end_time", "argv", "pid", "hostname", "resumed_from_step", "steps", "status",
+                "peak_mem_bytes", "train_time_s")
+
+
+def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_from: Optional[Path],
+              warm_start: Optional[Path], tokenizer, train_stream, val_set, progress: bool,
+              stop: StopSignal) -> RunSummary:
     """The loop proper, in a locked run folder."""
     tcfg, mcfg, device = cfg.train, cfg.method, rt.device
     ckpt_dir = run_dir / "checkpoints"
@@ -243,7 +334,7 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
     val_batches = val_set.batches(tcfg.eval_tokens, tcfg.micro_batch_size, rank=rt.rank, world_size=rt.world_size)
 
     model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
-    model = build_model(model_cfg, mcfg, cfg.seed, device, tcfg.precision, mcfg.warm_start)
+    model = build_model(model_cfg, mcfg, cfg.seed, device, tcfg.precision, warm_start)
     model.activation_checkpointing = tcfg.activation_checkpointing
     if tcfg.compile:  # before DDP/FSDP2 wrap the blocks; compiles lazily, at the first step
         model.compile_blocks()
@@ -275,14 +366,8 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
     def save(step: int) -> None:
         """The state after ``step`` completed steps: weights, optimizer, scheduler, TrainState."""
         state.step, state.data, state.rng = step, train_stream.state_dict(), {"torch": torch.get_rng_state()}
-        try:
-            path = save_training_state(ckpt_dir, step, model, optimizer, scheduler,
-                                       {**state.state_dict(), "config": to_container(cfg)}, rt, fsdp)
-        except OSError as err:
-            if err.errno == errno.ENOSPC:
-                raise disk_full_error(run_dir, step, last_saved[0]) from None
-            raise
-        last_saved[0] = path
+        last_saved[0] = save_training_state(ckpt_dir, step, model, optimizer, scheduler,
+                                            {**state.state_dict(), "config": to_container(cfg)}, rt, fsdp)
         if rt.is_main:
             prune_checkpoints(ckpt_dir, tcfg.keep_checkpoints, final_step=tcfg.steps)
 
@@ -295,17 +380,18 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
         "index_entries": counts["indices"], "vocab_size": tokenizer.vocab_size, "unigram_ppl": unigram,
         "world_size": rt.world_size, "device": str(device), "precision": tcfg.precision.value, "kernels": kernels,
         **run_metadata(device, rt.world_size), "flops_per_token": flops_per_token(model, cfg.data.seq_len),
-        "peak_flops": peak_flops(device, tcfg.peak_flops)}
+        "peak_flops": peak_flops(device, tcfg.peak_flops), "resumed_from_step": start_step if resume_from else None}
     summary["est_mem_gb"] = estimated_memory_gb(model_cfg, mcfg)
     tokens_per_step = tcfg.total_batch_size * cfg.data.seq_len
     params = [p for p in model.parameters() if p.requires_grad]
-    done, status, val = start_step, "failed", None
-    stop = StopSignal()
+    watch = CollapseWatch(tokenizer.vocab_size, unigram, warmup_steps(cfg.optim, tcfg.steps))
+    done, status, val, last_eval, reason = start_step, "failed", None, None, None
     # one process abandons an evaluation at a signal; ranks of a group finish it (its forwards are collective)
     eval_stop = (lambda: stop.requested) if rt.world_size == 1 else None
     bar = distributed.progress_bar(rt, enabled=progress, total=tcfg.steps, completed=start_step)
+    stop.defer()  # from here a signal stops the loop at the next step boundary, which saves first
     try:
-        with stop, bar:
+        with bar:
             for step in range(start_step, tcfg.steps):
                 t0 = time.perf_counter()
                 loss_sum, grad_norm = train_step(wrapped, *train_stream.next_batch(), accum, params, optimizer,
@@ -317,25 +403,30 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
                 bad = not bool(torch.isfinite(loss_sum)) or (grad_norm is not None and not math.isfinite(grad_norm))
                 diverged, stopping = distributed.any_across_ranks([bad, stop.requested], rt)
                 if diverged:
-                    done, status = step + 1, "diverged"
+                    done, status, reason = step + 1, "diverged", "non-finite loss or gradient norm"
                     break
                 done = step + 1
                 if done % tcfg.log_every == 0 or done == tcfg.steps:
-                    loss_val = distributed.mean_across_ranks(loss_sum, rt)
+                    loss_val = distributed.mean_across_ranks(loss_sum, rt)  # the same on every rank
                     lr = optimizer.param_groups[0]["lr"] if not tcfg.layerwise else optimizer.current_lr()
                     row = {"step": done, "tokens": state.tokens, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
                            "tokens_per_s": state.tokens / max(state.train_time, 1e-9), "elapsed_s": state.train_time,
                            **memory_now(device)}
                     metrics.log(row)
                     bar.update(done, loss=loss_val, lr=lr, tps=row["tokens_per_s"])
+                    reason = watch.logged(done, loss_val)
+                    if reason is not None:
+                        status = "diverged"
+                        break
                 else:
                     bar.update(done)
                 if tcfg.eval_every and done % tcfg.eval_every == 0 and done < tcfg.steps and not stopping:
-                    val = evaluate_ppl(wrapped, val_batches, device, autocast, stop=eval_stop)
-                    if val is not None:
-                        metrics.log({"step": done, "tokens": state.tokens, "val_loss": val["loss"],
-                                     "val_ppl": val["ppl"]})
-                        bar.note(f"step {done}: val loss {val['loss']:.4f}  ppl {val['ppl']:.2f}")
+                    result = evaluate_ppl(wrapped, val_batches, device, autocast, stop=eval_stop)
+                    if result is not None:
+                        last_eval = {"step": done, "val_loss": result["loss"], "val_ppl": result["ppl"]}
+                        metrics.log({"step": done, "tokens": state.tokens, "val_loss": result["loss"],
+                                     "val_ppl": result["ppl"]})
+                        bar.note(f"step {done}: val loss {result['loss']:.4f}  ppl {result['ppl']:.2f}")
                 saved = False
                 if tcfg.save_every and done % tcfg.save_every == 0 and done < tcfg.steps:
                     save(done)
@@ -349,37 +440,44 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
                 save(tcfg.steps)
                 if not stop.requested:
                     val = evaluate_ppl(wrapped, val_batches, device, autocast, stop=eval_stop)
-                if val is None or stop.requested:
+                if val is None or stop.requested:  # a signal during the final evaluation: resume re-evaluates
                     val, status = None, "interrupted"
                 else:
                     metrics.log({"step": tcfg.steps, "tokens": state.tokens, "val_loss": val["loss"],
                                  "val_ppl": val["ppl"]})
-                    status = "completed"
-    except KeyboardInterrupt:  # a second signal (or Ctrl-C outside the handler's reach): nothing more is saved
+                    reason = watch.final(val["ppl"], unigram)
+                    status = "completed" if reason is None else "diverged"
+    except Interrupted:  # a second signal: nothing more is saved
         status = "interrupted"
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):  # torch's own wording of it is turned back into OSError
+            summary["error"] = "no space left on device"
+            raise disk_full_error(run_dir, done, last_saved[0]) from None
+        raise
     finally:
         peak, peak_kind = peak_memory(device)
         summary.update({"tokens": state.tokens, "steps": done,
                         "val_loss": val["loss"] if val else None, "val_ppl": val["ppl"] if val else None,
-                        "val_tokens": val["tokens"] if val else None,
+                        "val_tokens": val["tokens"] if val else None, "last_eval": last_eval,
                         "tokens_per_s": state.tokens / state.train_time if state.train_time else None,
                         "train_time_s": state.train_time, "peak_mem_bytes": peak, "peak_mem_kind": peak_kind,
                         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+                        "last_checkpoint": str(last_saved[0]) if last_saved[0] else None,
                         "status": status, "end_time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         if summary["tokens_per_s"] and summary["peak_flops"]:  # model FLOPs utilisation, all devices together
             achieved = summary["tokens_per_s"] * summary["flops_per_token"]
             summary["mfu"] = achieved / (summary["peak_flops"] * rt.world_size)
         trackers.close()
+        if stop.requested and status == "completed":  # the signal came while the files were being written
+            status = summary["status"] = "interrupted"
         if status == "interrupted":
             summary["exit_code"] = stop.exit_code
-            summary["signal"] = signal.Signals(stop.signum or signal.SIGINT).name
+            summary["signal"] = stop.name
         if status == "diverged":
-            summary["exit_code"] = 3
-            summary["diverged_step"] = done
-            summary["last_checkpoint"] = str(last_saved[0]) if last_saved[0] else None
+            summary.update({"exit_code": 3, "diverged_step": done, "diverged_reason": reason})
         if rt.is_main:
             try:
-                write_json(run_dir / "summary.json", summary)
+                _write_summary(run_dir, summary)
                 plot_run_curves({run_dir.name: run_dir}, run_dir / "loss.png",
                                 title=f"{run_dir.name} ({mcfg.name.value}, {status})")
             except OSError as err:  # a full disk must not hide the run's real outcome
