@@ -114,8 +114,8 @@ def checkpoint_problem(path: Path) -> Optional[str]:
     try:
         state = torch.load(path / "extra.pt" if path.is_dir() else path, map_location="cpu", weights_only=True,
                            mmap=True)
-    except Exception as err:  # noqa: BLE001 - truncated, empty, not a torch file, unreadable: all the same to us
-        return f"not a readable PyTorch checkpoint ({type(err).__name__})"
+    except Exception:  # noqa: BLE001 - truncated, empty, not a torch file, unreadable: all the same to us
+        return "not a readable PyTorch checkpoint (truncated, damaged, or another kind of file)"
     if not isinstance(state, dict) or "config" not in state or "step" not in state:
         return "not an sltrain checkpoint (no config / step inside)"
     try:

@@ -385,15 +385,20 @@ def export(run: Path = typer.Argument(..., help=RUN_HELP),
     """
     import warnings
 
-    from .export import ExportNote, export_run
+    from .configs import Precision
+    from .export import DTYPES, ExportNote, export_run, open_run
 
+    if dtype not in DTYPES:  # before the (slow) load
+        raise UserError(f"--dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always", ExportNote)
-        path = export_run(run, out, dtype)
+        loaded = open_run(run, precision=Precision.fp32)  # dense weights formed in fp32, cast once
+        path = export_run(loaded, out, dtype)
     for note in notes:
         if issubclass(note.category, ExportNote):  # not the libraries' warnings the load raises
             typer.echo(f"note: {note.message}", err=True)
-    typer.echo(f"exported -> {path}  (AutoModelForCausalLM.from_pretrained({str(path)!r}))")
+    typer.echo(f"exported step {loaded.step} ({loaded.checkpoint.name}) -> {path}  "
+               f"(AutoModelForCausalLM.from_pretrained({str(path)!r}))")
 
 
 @app.command("generate")
@@ -413,8 +418,12 @@ def generate(run: Path = typer.Argument(..., help=RUN_HELP),
     max_seq_len tokens.
     """
     from .export import generate as sample
+    from .export import open_run
 
-    typer.echo(sample(run, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed))
+    loaded = open_run(run)
+    typer.echo(f"(step {loaded.step}, {loaded.checkpoint.name})", err=True)
+    typer.echo(sample(loaded, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                      seed=seed))
 
 
 @app.command("list")

@@ -27,8 +27,8 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from .checkpoint import latest_checkpoint
 from .configs import ConfigError, Precision, UserError
+from .files import _umask
 from .runs import LoadedRun, load_run
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -161,8 +161,7 @@ def _tmp_sibling(path: Path) -> Path:
 
 def default_out(run: LoadedRun) -> Path:
     """RUN_DIR/export for the run's latest checkpoint, RUN_DIR/export-step_NNNNNN for an earlier one."""
-    latest = latest_checkpoint(run.run_dir / "checkpoints")
-    if latest is not None and Path(latest).resolve() == Path(run.checkpoint).resolve():
+    if run.newest:  # not a fallback past a damaged newer checkpoint, nor one chosen by name
         return run.run_dir / "export"
     return run.run_dir / f"export-{Path(run.checkpoint).name.split('.')[0]}"
 
@@ -247,7 +246,7 @@ print(tok.decode(model.generate(ids, max_new_tokens=40, do_sample=False)[0]))
 """
 
 
-def _load(path: Union[str, Path], precision: Optional[Precision] = None) -> LoadedRun:
+def open_run(path: Union[str, Path], precision: Optional[Precision] = None) -> LoadedRun:
     """load_run, with a folder that is no run and a damaged or foreign file turned into one line naming RUN."""
     path = Path(path)
     if path.is_dir() and not (path / "checkpoints").is_dir() and not (path / "extra.pt").is_file():
@@ -265,7 +264,7 @@ def _load(path: Union[str, Path], precision: Optional[Precision] = None) -> Load
                                  "folder or RUN_DIR/checkpoints/step_NNNNNN.pt") from None
 
 
-def export_run(path: Union[str, Path], out: Optional[Union[str, Path]] = None, dtype: str = "fp32") -> Path:
+def export_run(path: Union[str, Path, LoadedRun], out: Optional[Union[str, Path]] = None, dtype: str = "fp32") -> Path:
     """Write a Hugging Face LlamaForCausalLM folder for a run folder or checkpoint; returns the folder.
 
     ``dtype`` fp32 | bf16 (dense weights are formed in fp32 either way). A tokenizer transformers cannot
@@ -274,7 +273,7 @@ def export_run(path: Union[str, Path], out: Optional[Union[str, Path]] = None, d
         raise ConfigError("--dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if out is not None:
         _check_out(Path(out))
-    run = _load(path, precision=Precision.fp32)  # dense weights formed in fp32, cast once
+    run = path if isinstance(path, LoadedRun) else open_run(path, precision=Precision.fp32)  # dense weights in fp32
     out = Path(out) if out is not None else default_out(run)
     _check_out(out)
     from safetensors.torch import save_file
@@ -290,6 +289,7 @@ def export_run(path: Union[str, Path], out: Optional[Union[str, Path]] = None, d
         config.save_pretrained(str(tmp))
         GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", 0o666 & ~_umask())  # safetensors writes 0600; files.py's rule
         note = save_hf_tokenizer(run.tokenizer, tmp, run.cfg.model.max_seq_len)
         if note:
             run.tokenizer.save(tmp / "sltrain_tokenizer")
@@ -349,7 +349,7 @@ def generate(run: Union[LoadedRun, str, Path], prompt: str, max_new_tokens: int 
     if top_k < 0:
         raise ConfigError("--top-k", f"must be >= 0 (0 = all tokens), got {top_k}")
     if not isinstance(run, LoadedRun):
-        run = _load(run)
+        run = open_run(run)
     tok = run.tokenizer
     ids = tok.encode(prompt)
     context = ids or [tok.eos_id]

@@ -468,8 +468,9 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
             achieved = summary["tokens_per_s"] * summary["flops_per_token"]
             summary["mfu"] = achieved / (summary["peak_flops"] * rt.world_size)
         trackers.close()
-        if stop.requested and status == "completed":  # the signal came while the files were being written
-            status = summary["status"] = "interrupted"
+        if stop.requested and status == "completed":  # the signal came after the final evaluation, before
+            status = summary["status"] = "interrupted"  # summary.json: resume re-evaluates (cheap, exact)
+            summary.update({"val_loss": None, "val_ppl": None, "val_tokens": None})
         if status == "interrupted":
             summary["exit_code"] = stop.exit_code
             summary["signal"] = stop.name
