@@ -155,3 +155,29 @@ def test_layerwise_under_ddp_is_refused(tmp_path, cache_dir):
     assert proc.returncode != 0
     # each rank prints our one line (torchrun's own agent then reports the failed workers)
     assert proc.stderr.startswith("error: train.layerwise=true is single-process only")
+
+
+def test_sigterm_to_the_launcher_is_exit_143_on_every_rank_and_one_line(tmp_path, cache_dir):
+    """sltrain-torchrun: torchrun forwards the signal, every worker saves and reports interrupted, and the
+    launcher's exit code is the signal's (plain torchrun: 1 and a traceback)."""
+    import signal
+    import time
+
+    from sltrain_cli.checkpoint import latest_checkpoint
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "pretrain" / "term"
+    cmd = [sys.executable, "-m", "sltrain_cli.launch", "--standalone", "--nproc_per_node=2", "-m", "sltrain_cli",
+           "pretrain", "--quiet", *tiny_overrides(tmp_path, "steps=5000", "train.save_every=5", "train.eval_every=0",
+                                                 "run_name=term")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and latest_checkpoint(run_dir / "checkpoints") is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("sltrain-torchrun: stopped by SIGTERM")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM" and summary["world_size"] == 2
+    assert latest_checkpoint(run_dir / "checkpoints").name == f"step_{summary['steps']:06d}.pt"
