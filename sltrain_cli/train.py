@@ -272,13 +272,24 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
 
 
 def check_warm_start(path: Optional[str]) -> Optional[Path]:
-    """method.warm_start (a checkpoint or a run folder) -> the checkpoint file, checked before any work."""
+    """method.warm_start (a checkpoint, a run folder, or a file holding {"model": state_dict}) -> the file or
+    sharded folder to load, checked before any work."""
     if not path:
         return None
+    found = Path(path)
     try:
-        return resolve_checkpoint(path)
+        if found.is_dir():
+            return resolve_checkpoint(found)
+        if not found.is_file():
+            raise FileNotFoundError(f"no such file or run folder: {found}")
+        state = torch.load(found, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError as err:
         raise ConfigError("method.warm_start", str(err)) from None
+    except Exception:  # noqa: BLE001 - anything torch cannot read is the same mistake to the user
+        raise ConfigError("method.warm_start", f"{found} is not a readable PyTorch checkpoint") from None
+    if not (isinstance(state, dict) and isinstance(state.get("model"), dict)):
+        raise ConfigError("method.warm_start", f"{found} holds no model weights (no 'model' entry)")
+    return found
 
 
 def _stopped_before_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path], err: Interrupted,
