@@ -9,7 +9,6 @@ import errno
 import functools
 import json
 import os
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -135,6 +134,7 @@ def _pretrain(overrides: List[str], print_config: bool, quiet: bool, stop) -> No
     from .catalog import summary_view, without_unused
     from .compose import load_config, to_yaml
     from .results import print_record, summary_row, upsert_row
+    from .signals import survive_closed_stdout
     from .train import train
 
     cfg = load_config(overrides)
@@ -142,7 +142,7 @@ def _pretrain(overrides: List[str], print_config: bool, quiet: bool, stop) -> No
         typer.echo(to_yaml(cfg))
         return
     run_dir = run_dir_for("pretrain", cfg, overrides)
-    _survive_closed_stdout()
+    survive_closed_stdout()
     summary = train(cfg, run_dir, overrides, progress=not quiet, stop=stop)
     if not _is_main():
         raise typer.Exit(_exit_code(summary))
@@ -173,41 +173,6 @@ def _pretrain(overrides: List[str], print_config: bool, quiet: bool, stop) -> No
 def _exit_code(summary: dict) -> int:
     """0 completed (or skipped), 3 diverged, 128 + signal interrupted."""
     return {"interrupted": summary.get("exit_code", 130), "diverged": 3}.get(summary["status"], 0)
-
-
-def _survive_closed_stdout() -> None:
-    """`sltrain pretrain ... | head -1`: once the reader has gone, further output is dropped instead of raising
-    BrokenPipeError into the run (a closed pipe must not decide a run's status)."""
-    if sys.stdout is not None and not isinstance(sys.stdout, _TolerantStream):
-        sys.stdout = _TolerantStream(sys.stdout)
-
-
-class _TolerantStream:
-    """A text stream whose writes after the reader closed the pipe go to /dev/null."""
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    def write(self, text):
-        try:
-            return self._stream.write(text)
-        except BrokenPipeError:
-            self._to_devnull()
-            return len(text)
-
-    def flush(self):
-        try:
-            self._stream.flush()
-        except BrokenPipeError:
-            self._to_devnull()
-
-    def _to_devnull(self):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self._stream.fileno())  # the interpreter's final flush goes nowhere either
-        os.close(devnull)
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
 
 
 @app.command("eval-ppl", cls=GroupsHelp)
@@ -421,7 +386,8 @@ def generate(run: Path = typer.Argument(..., help=RUN_HELP),
     from .export import open_run
 
     loaded = open_run(run)
-    typer.echo(f"(step {loaded.step}, {loaded.checkpoint.name})", err=True)
+    if not loaded.newest:  # an earlier checkpoint (named, or fallen back to past a damaged one): say which
+        typer.echo(f"(step {loaded.step}, {loaded.checkpoint.name})", err=True)
     typer.echo(sample(loaded, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       seed=seed))
 

@@ -241,3 +241,24 @@ def disk_full_error(run_dir: Path, step: Optional[int], last_good: Optional[Path
     return UserError(f"out_dir: no space left on the device of {run_dir} ({free / 2**20:.0f} MiB free) {when}; "
                      f"the last good checkpoint is {last_good or 'none'}; free some space and resume with "
                      "train.resume=true")
+
+
+def check_warm_start(path: Optional[str]) -> Optional[Path]:
+    """method.warm_start (a checkpoint, a run folder, or a file holding {"model": state_dict}) -> the file or
+    sharded folder to load, checked before any work."""
+    if not path:
+        return None
+    found = Path(path)
+    try:
+        if found.is_dir():
+            return resolve_checkpoint(found)
+        if not found.is_file():
+            raise FileNotFoundError(f"no such file or run folder: {found}")
+        state = torch.load(found, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError as err:
+        raise ConfigError("method.warm_start", str(err)) from None
+    except Exception:  # noqa: BLE001 - anything torch cannot read is the same mistake to the user
+        raise ConfigError("method.warm_start", f"{found} is not a readable PyTorch checkpoint") from None
+    if not (isinstance(state, dict) and isinstance(state.get("model"), dict)):
+        raise ConfigError("method.warm_start", f"{found} holds no model weights (no 'model' entry)")
+    return found

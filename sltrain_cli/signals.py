@@ -7,10 +7,13 @@
 
 A second signal while one is pending raises Interrupted at once. Handlers are installed in the main thread only
 and restored when the block ends. The exit code of a stopped run is 128 + the signal's number (130 / 143 / 138).
+The other outside event a run must survive: the reader of its stdout going away (``survive_closed_stdout``).
 """
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from typing import Optional
 
@@ -79,3 +82,38 @@ class StopSignal:
     @property
     def name(self) -> str:
         return signal.Signals(self.signum or signal.SIGINT).name
+
+
+def survive_closed_stdout() -> None:
+    """`sltrain pretrain ... | head -1`: once the reader has gone, further output is dropped instead of raising
+    BrokenPipeError into the run (a closed pipe must not decide a run's status)."""
+    if sys.stdout is not None and not isinstance(sys.stdout, _TolerantStream):
+        sys.stdout = _TolerantStream(sys.stdout)
+
+
+class _TolerantStream:
+    """A text stream whose writes after the reader closed the pipe go to /dev/null."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())  # the interpreter's final flush goes nowhere either
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)

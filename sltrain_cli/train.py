@@ -29,14 +29,10 @@ import torch
 
 from . import data as data_lib
 from . import distributed
-from .checkpoint import (
-    load_training_state,
-    prune_checkpoints,
-    resolve_checkpoint,
-    save_training_state,
-)
+from .checkpoint import load_training_state, prune_checkpoints, save_training_state
+from .collapse import CollapseWatch
 from .compose import METHOD_KEYS, to_container, to_yaml
-from .configs import ConfigError, MethodName, ModelConfig, Parallel, RunConfig, UserError
+from .configs import MethodName, ModelConfig, Parallel, RunConfig, UserError
 from .core import relora
 from .core.convert import check_method_fits, count_parameters
 from .core.optim import (
@@ -57,7 +53,15 @@ from .files import (
     write_overrides,
 )
 from .results import RunSummary, plot_run_curves
-from .runs import autocast_for, build_model, check_run_dir, check_writable, disk_full_error, open_run_dir
+from .runs import (
+    autocast_for,
+    build_model,
+    check_run_dir,
+    check_warm_start,
+    check_writable,
+    disk_full_error,
+    open_run_dir,
+)
 from .signals import Interrupted, StopSignal
 from .tokenizer import build_tokenizer
 from .tracking import Trackers, flops_per_token, memory_now, peak_flops, run_metadata
@@ -151,46 +155,6 @@ class _Metrics:
                 self.trackers.log(row)
 
 
-# ----------------------------------------------------------------------------------------- collapse
-COLLAPSE_LOGS = 5  # logged steps in a row, after warm-up, at a loss no better than a uniform prediction
-
-
-class CollapseWatch:
-    """A run whose model has collapsed is a diverged run, not a completed one (the loss and norms stay finite, so
-    the non-finite check cannot see it). Two signs:
-
-    - the training loss sits at or above ln(vocab size), the loss of a uniform prediction, at COLLAPSE_LOGS logged
-      steps in a row after the lr warm-up;
-    - the final validation perplexity is above the corpus's unigram perplexity although the training loss was once
-      below the unigram loss: the model learned at least the word frequencies and then lost them. (A run too short
-      to reach the unigram baseline is undertrained, not collapsed.)"""
-
-    def __init__(self, vocab_size: int, unigram_ppl: Optional[float], warmup_steps: int):
-        self.uniform_loss = math.log(vocab_size)
-        self.unigram_loss = math.log(unigram_ppl) if unigram_ppl else None
-        self.warmup_steps, self.run_of, self.beat_unigram = warmup_steps, [], False
-
-    def logged(self, step: int, loss: float) -> Optional[str]:
-        """Record a logged training loss; the reason when the run has collapsed, else None."""
-        if self.unigram_loss is not None and loss < self.unigram_loss:
-            self.beat_unigram = True
-        if step <= self.warmup_steps or loss < self.uniform_loss:
-            self.run_of = []
-            return None
-        self.run_of.append(step)
-        if len(self.run_of) < COLLAPSE_LOGS:
-            return None
-        return (f"training loss >= ln(vocab size) = {self.uniform_loss:.3f} (a uniform prediction) at steps "
-                f"{self.run_of[0]}-{self.run_of[-1]}, after the warm-up")
-
-    def final(self, val_ppl: float, unigram_ppl: Optional[float]) -> Optional[str]:
-        """The reason when the final validation perplexity says the run collapsed, else None."""
-        if self.beat_unigram and unigram_ppl and val_ppl > unigram_ppl:
-            return (f"final validation perplexity {val_ppl:.2f} is above the corpus's unigram perplexity "
-                    f"{unigram_ppl:.2f}, which the training loss had once beaten")
-        return None
-
-
 # ----------------------------------------------------------------------------------------- train
 def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress: bool = True,
           stop: Optional[StopSignal] = None) -> RunSummary:
@@ -269,27 +233,6 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
         if lock is not None:
             lock.release()
         distributed.shutdown(rt)
-
-
-def check_warm_start(path: Optional[str]) -> Optional[Path]:
-    """method.warm_start (a checkpoint, a run folder, or a file holding {"model": state_dict}) -> the file or
-    sharded folder to load, checked before any work."""
-    if not path:
-        return None
-    found = Path(path)
-    try:
-        if found.is_dir():
-            return resolve_checkpoint(found)
-        if not found.is_file():
-            raise FileNotFoundError(f"no such file or run folder: {found}")
-        state = torch.load(found, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError as err:
-        raise ConfigError("method.warm_start", str(err)) from None
-    except Exception:  # noqa: BLE001 - anything torch cannot read is the same mistake to the user
-        raise ConfigError("method.warm_start", f"{found} is not a readable PyTorch checkpoint") from None
-    if not (isinstance(state, dict) and isinstance(state.get("model"), dict)):
-        raise ConfigError("method.warm_start", f"{found} holds no model weights (no 'model' entry)")
-    return found
 
 
 def _stopped_before_training(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path], err: Interrupted,

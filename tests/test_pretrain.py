@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from sltrain_cli import data as data_lib
-from sltrain_cli.checkpoint import LATEST, load_checkpoint
+from sltrain_cli.checkpoint import LATEST, load_checkpoint, save_checkpoint
 from sltrain_cli.cli import app
 
 from helpers import tiny_overrides
@@ -145,7 +145,7 @@ def test_an_edited_checkpoint_changes_the_resumed_run(tiny_run, monkeypatch):
     path = edited / "checkpoints" / "step_000004.pt"
     state = load_checkpoint(path)
     state["model"]["layers.0.mlp.down.values"] = state["model"]["layers.0.mlp.down.values"] * 4.0
-    torch.save(state, path)
+    save_checkpoint(path.parent, 4, state)  # a deliberate edit: written with its new checksum
     calls = _count_train_steps(monkeypatch)
     _pretrain(*[a for a in args if not a.startswith("run_name")], "run_name=edited", "train.resume=true")
     assert calls["n"] == 4
