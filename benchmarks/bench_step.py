@@ -44,7 +44,9 @@ from sltrain_cli.core.convert import apply_method  # noqa: E402
 from sltrain_cli.core.model import LlamaForCausalLM  # noqa: E402
 from sltrain_cli.core.sparse_lowrank import choose_kernels  # noqa: E402
 
-WIDTHS = {  # hidden, intermediate, heads, rank, alpha (PAPER.md recipes)
+# hidden, intermediate, heads, rank, alpha: the paper's recipes for these sizes (SLTrain, Han et al., NeurIPS 2024,
+# arXiv:2406.02214, Table 2; rank and alpha from its reference scripts)
+WIDTHS = {
     "60m": (512, 1376, 8, 128, 32.0),
     "1b": (2048, 5461, 32, 512, 8.0),
 }

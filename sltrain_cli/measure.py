@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from .configs import MethodConfig, ModelConfig, UserError
+from .configs import ConfigError, MethodConfig, ModelConfig, UserError
 
 GB = 1e9  # 1G = 1e9 B, the paper's convention (memory.py uses the same unit)
 
@@ -40,6 +40,31 @@ def _cpu_peak_bytes(prof, marker: str) -> int:
     return peak
 
 
+def measure_device(device: Optional[str]) -> str:
+    """The device a measurement trains on: None or 'auto' -> 'cuda' when this machine has CUDA, else 'cpu';
+    'cpu', 'cuda' or 'cuda:N' as given, once checked against this machine (a ConfigError naming --device
+    instead of torch's traceback when the device is unknown or not here)."""
+    import torch
+
+    name = str(device or "auto").strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError("--device", f"must be auto, cpu or cuda[:N], got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device", f"{name} is not available on this machine; use --device cpu (or auto)")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError("--device", f"{name}: this machine has {count} CUDA device(s), cuda:0 to "
+                                          f"cuda:{count - 1}; use one of them, or --device auto")
+    return str(dev)
+
+
 def measure_memory(model_cfg: ModelConfig, method_cfg: MethodConfig, *, optimizer: str = "adam",
                    layerwise: bool = False, batch_size: int = 1, seq_len: Optional[int] = None, steps: int = 3,
                    device: str = "cpu", precision: str = "bf16-pure", activation_checkpointing: bool = False,
@@ -67,7 +92,7 @@ def measure_memory(model_cfg: ModelConfig, method_cfg: MethodConfig, *, optimize
     seq_len = int(seq_len or min(256, model_cfg.max_seq_len))
     if not 2 <= seq_len <= model_cfg.max_seq_len:
         raise UserError(f"--seq-len: must be in [2, model.max_seq_len={model_cfg.max_seq_len}], got {seq_len}")
-    dev = torch.device(device)
+    dev = torch.device(measure_device(device))
     dtype = torch.bfloat16 if precision == "bf16-pure" else torch.float32
     optim_cfg = OptimConfig(name="adamw8bit" if optimizer == "adam8bit" else "adamw", grad_clip=0.0)
     marker = "sltrain.measure_memory.steps"

@@ -9,12 +9,12 @@ method)``: shapes only, nothing is allocated, so 7B takes a fraction of a second
   full model plus the low-rank model (embeddings twice); GaLore keeps, per target matrix (out x in), two
   r x max(in, out) moments and the r x min(in, out) projection. These figures ignore ``optimizer``,
   ``layerwise``, ``index_dtype`` and ``param_bytes`` on purpose: they are the paper's table.
-* **Fuller** (keys ``full_*``, ``activation_mem_gb``, ``workspace_mem_gb``, ``step_temp_mem_gb``): what
-  a bf16-pure (or fp32, ``param_bytes=4``) run of core/ holds -- parameters and index buffers in the
-  chosen dtypes, gradients, the optimizer state exactly as core/optim.py allocates it (torch AdamW,
-  GaLoreAdamW or bitsandbytes AdamW8bit; equal to ``optimizer_state_bytes`` of the real optimizer),
-  activations saved for backward, the dense matrices SLTrain layers build for one matmul, and the
-  optimizer step's temporaries. ``full_total_gb`` is the peak over the phases of a step, not a sum.
+* **Fuller** (keys ``full_*``, ``activation_mem_gb``, ``workspace_mem_gb``, ``step_temp_mem_gb``,
+  ``kernel_cache_mem_gb``): what a bf16-pure (or fp32, ``param_bytes=4``) run of core/ holds -- parameters and
+  index buffers in the chosen dtypes, gradients, the optimizer state exactly as core/optim.py allocates it (torch
+  AdamW, GaLoreAdamW or bitsandbytes AdamW8bit; equal to ``optimizer_state_bytes`` of the real optimizer), saved
+  activations (the chunked loss's too), the dense matrices SLTrain layers build for one matmul, the CSR structure
+  of factored layers, the step's temporaries. ``full_total_gb`` is the peak over the phases of a step, not a sum.
   On CPU it lands within a few percent of ``measure_memory``; on CUDA it reproduces the paper's measured
   7B peaks (Figure 3: 67.4 / 29.4 / 22 / 18.3 GB) within 1-7%. Its 350M and 1B peaks are 1.2-2.2x ours;
   activations at batch 1 cannot explain that, and the paper does not give the setup of those runs.
@@ -33,8 +33,10 @@ from typing import Dict, List, Optional, Tuple
 
 from .configs import TARGET_MODULES, ConfigError, MethodConfig, MethodName, ModelConfig, UserError
 from .core.convert import method_rank_limit
+from .core.model import LOSS_CHUNK_LOGITS, LOSS_CHUNK_MIN
 from .core.optim import BNB_BLOCKSIZE, BNB_MIN_8BIT_SIZE, galore_target_params
-from .measure import GB, measure_memory
+from .core.sparse_kernels import choose_kernel
+from .measure import GB, measure_device, measure_memory
 
 METHODS_ALL = ("full", "lowrank", "relora", "galore", "sltrain", "sparse")  # what method="all" expands to
 
@@ -139,9 +141,9 @@ class _Tensor:
 
 
 def _inventory(cfg: ModelConfig, method: str, rank: int, delta: float, vocab: int,
-               target_modules=None) -> Tuple[Tuple[_Tensor, ...], int]:
-    """Every tensor the converted LlamaForCausalLM holds (parameters + sparse index buffers), and the
-    largest (out, in) entry count of its SparseLowRankLinear layers (0 without one).
+               target_modules=None) -> Tuple[Tuple[_Tensor, ...], int, tuple]:
+    """Every tensor the converted LlamaForCausalLM holds (parameters + sparse index buffers), the largest (out, in)
+    entry count of its SparseLowRankLinear layers (0 without one) and each such layer's (out, in, rank, nnz).
 
     The model is built on the meta device; kinds follow core.convert.count_parameters (A, B of a swapped
     layer: lowrank; values: sparse_values; a parameter without requires_grad, ReLoRA's W0: frozen). GaLore's
@@ -171,11 +173,12 @@ def _build_inventory(cfg_values: tuple, method: str, rank: int, delta: float, ta
     projected = {}
     if method == "galore":
         projected = {id(p): tuple(p.shape) for p in galore_target_params(model, method_cfg.target_modules)}
-    out, seen, widest = [], set(), 0
+    out, seen, widest, sparse_layers = [], set(), 0, []
     for path, module in model.named_modules():
         plain = type(module) in (nn.Linear, nn.Embedding)
         if isinstance(module, SparseLowRankLinear):
             widest = max(widest, module.in_features * module.out_features)
+            sparse_layers.append((module.out_features, module.in_features, module.rank, module.nnz))
         for name, p in module.named_parameters(recurse=False):
             if id(p) in seen:
                 continue
@@ -187,7 +190,7 @@ def _build_inventory(cfg_values: tuple, method: str, rank: int, delta: float, ta
         for name, b in module.named_buffers(recurse=False):
             if name == "indices" and b is not None:
                 out.append(_Tensor(f"{path}.{name}", b.numel(), "indices", False))
-    return tuple(out), widest
+    return tuple(out), widest, tuple(sparse_layers)
 
 
 def _check_method(cfg: ModelConfig, method: str, rank: int, delta: float) -> None:
@@ -211,9 +214,9 @@ def _adam8bit_bytes(numel: int) -> int:
     return 2 * (numel + 4 * math.ceil(numel / BNB_BLOCKSIZE))
 
 
-def _activation_parts(cfg: ModelConfig, tokens: int, act_bytes: int, vocab: int,
+def _activation_parts(cfg: ModelConfig, batch_size: int, seq_len: int, act_bytes: int, vocab: int,
                       adapter_rank: int = 0) -> tuple:
-    """(per block, per checkpointed block input, head, backward temporaries) bytes, for ``tokens`` tokens.
+    """(per block, per checkpointed block input, head, backward temporaries) bytes, batch_size x seq_len tokens.
 
     Counted from core/model.py's autograd graph (a = activation bytes, d hidden, m intermediate, h heads):
     each RMSNorm keeps its fp32 input copy and inverse rms and the normalized a-byte tensor (4d + ad + 4);
@@ -223,17 +226,19 @@ def _activation_parts(cfg: ModelConfig, tokens: int, act_bytes: int, vocab: int,
     (checked against autograd's saved tensors and the CPU allocator), plus ``7ra`` for the (tokens, r)
     intermediates of LowRankLinear / ReLoRALinear (SparseLowRankLinear keeps only its input). No S x S
     matrix: SDPA runs a flash / memory-efficient kernel (CUDA) or the CPU flash kernel.
-    Head: final norm and its output (4d + 2ad + 4) and the fp32 cross-entropy at its peak in backward --
-    log-softmax output, its gradient and the logits' gradient (12V). The bf16 logits held by a caller's
-    output object (aV) are not counted.
+    Head: final norm and output (4d + 2ad + 4) per token, then core/model.py's chunked loss over N = batch x (seq - 1)
+    rows: dL/dh, formed in forward (Nad; + an (N, d) copy of the shifted h when batch > 1), and one chunk of c = min(N,
+    max(LOSS_CHUNK_MIN, LOSS_CHUNK_LOGITS // V)) rows of fp32 logits + logsumexp's fp32 temporary (8cV) at its peak.
     Activation checkpointing: each block keeps only its input (ad); one block's set is rebuilt at a time.
     Backward through a block also holds gradient temporaries: about two (tokens, m) and two (tokens, d)
     a-byte tensors at once (the SwiGLU product's two input gradients, the residual and norm gradients),
     returned as the fourth part.
     """
     d, m, a = cfg.hidden_size, cfg.intermediate_size, act_bytes
+    tokens, rows = batch_size * seq_len, batch_size * (seq_len - 1)
+    chunk = min(rows, max(LOSS_CHUNK_MIN, LOSS_CHUNK_LOGITS // vocab))
     block = tokens * (8 * d + 8 * a * d + 8 + 4 * cfg.num_heads + 4 * a * m + 7 * adapter_rank * a)
-    head = tokens * (4 * d + 2 * a * d + 4 + 12 * vocab)
+    head = tokens * (4 * d + 2 * a * d + 4) + (2 if batch_size > 1 else 1) * rows * a * d + 8 * chunk * vocab
     return block, tokens * a * d, head, tokens * (2 * a * m + 2 * a * d)
 
 
@@ -283,19 +288,20 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
     each parameter inside backward, so gradients are never all alive; we count the largest single
     trainable parameter's gradient. GaLore under adam8bit quantizes its projected moments the same way.
     ``device``: 'cuda' (the paper's setting) or 'cpu' -- which optimizer-step and SLTrain-layer
-    temporaries torch / bitsandbytes create there. ``full_total_gb`` is parameters + optimizer state +
-    the largest of four phases of a step (``peak_phase``: loss, backward_start, backward_end,
-    optimizer_step), not the sum of the parts; ``activation_mem_gb`` is the most activation memory alive
-    at once.
+    temporaries torch / bitsandbytes create there, and the kernel ``auto`` picks per SLTrain layer (a factored one
+    keeps its CSR structure: ``kernel_cache_mem_gb``). ``full_total_gb`` is parameters + optimizer state + that +
+    the largest of four phases of a step (``peak_phase``: loss, backward_start, backward_end, optimizer_step), not
+    the sum of the parts; ``activation_mem_gb`` is the most activation memory alive at once.
     """
+    import torch
+
     method = getattr(method, "value", method)
     index_dtype = getattr(index_dtype, "value", index_dtype)
     size = _short(model_cfg.name)
     recipe = default_recipe(model_cfg) if rank is None or delta is None else {}
     rank = int(recipe["rank"] if rank is None else rank)
     delta = float(recipe["delta"] if delta is None else delta)
-    if method == "sparse":
-        rank = 0
+    rank = 0 if method == "sparse" else rank
     _check_method(model_cfg, method, rank, delta)
     if optimizer not in ("adam", "adam8bit"):
         raise UserError(f"--optimizer: must be adam or adam8bit, got {optimizer!r}")
@@ -305,7 +311,7 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
     if param_bytes not in (2, 4):
         raise UserError(f"param_bytes: must be 2 (bf16) or 4 (fp32), got {param_bytes}")
     vocab = int(vocab_size or model_cfg.vocab_size)
-    inv, biggest = _inventory(model_cfg, method, rank, delta, vocab, target_modules)
+    inv, biggest, sparse_layers = _inventory(model_cfg, method, rank, delta, vocab, target_modules)
 
     params = [t for t in inv if t.kind != "indices"]
     trainable = [t for t in params if t.trainable]
@@ -322,27 +328,19 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
         paper_total, paper_train = full_total + lowrank_total, lowrank_total
     else:
         paper_total, paper_train = n_params, n_train
-    if method == "galore":
-        moments = sum(2 * rank * max(t.galore_shape) + rank * min(t.galore_shape) if t.galore_shape
-                      else 2 * t.numel for t in trainable)
-    else:
-        moments = 2 * paper_train
-    paper_param_b = 2 * paper_total + 8 * n_index
-    paper_opt_b = 2 * moments
+    moments = (sum(2 * rank * max(t.galore_shape) + rank * min(t.galore_shape) if t.galore_shape else 2 * t.numel
+                   for t in trainable) if method == "galore" else 2 * paper_train)
+    paper_param_b, paper_opt_b = 2 * paper_total + 8 * n_index, 2 * moments
 
     # ---- fuller figures
     index_bytes = 8 if index_dtype == "int64" else 4
     full_param_b = param_bytes * n_params + index_bytes * n_index
-    if layerwise:
-        full_grad_b = param_bytes * max((t.numel for t in trainable), default=0)
-    else:
-        full_grad_b = param_bytes * n_train
+    full_grad_b = param_bytes * (max((t.numel for t in trainable), default=0) if layerwise else n_train)
     # Optimizer state as core/optim.py builds it: torch AdamW keeps its moments in the parameter dtype
     # and a 4-byte fp32 `step` tensor per parameter; GaLoreAdamW (every parameter under method=galore)
     # keeps moments in the gradient dtype, the projector in the weight dtype and an int step; bitsandbytes
     # shares its two quantization maps within one optimizer -- one per parameter under layer-wise updates.
-    full_opt_b = 0
-    n_8bit = 0
+    full_opt_b = n_8bit = 0
     for t in trainable:
         if t.galore_shape:
             state_numel = rank * max(t.galore_shape)
@@ -361,13 +359,18 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
     per_entry = 6 if (device == "cpu" and param_bytes == 2) else param_bytes
     work_b = biggest * per_entry if method in ("sltrain", "sparse") else 0
     temp_b = _step_temp_bytes(trainable, method, optimizer, layerwise, device, rank, param_bytes)
+    # A layer on the factored kernel (kernel="auto" picks per layer) keeps a CsrPlan: S's and S^T's column indices,
+    # the permutation into S^T's order (3 nnz) and both row pointers, int32 where they fit (core/sparse_kernels.py)
+    dt = torch.bfloat16 if param_bytes == 2 else torch.float32
+    csr_b = sum((4 if max(o, i, k) < 2 ** 31 - 1 else 8) * (3 * k + o + i + 2) for o, i, r, k in sparse_layers
+                if k and choose_kernel(batch_size * seq_len, i, o, r, k, dt, device) == "factored")
 
     # The peak over the phases of one step. Always alive: parameters and optimizer state. The loop sets
     # gradients to None after each step, so backward starts with none; walking back through the blocks,
     # saved activations are freed while gradients pile up, so the largest sum is at one end of that walk.
     # Under layer-wise updates a gradient lives only until its hook has stepped it.
     L = model_cfg.num_layers
-    block, ck_in, head, bwd_tmp = _activation_parts(model_cfg, batch_size * seq_len, param_bytes, vocab,
+    block, ck_in, head, bwd_tmp = _activation_parts(model_cfg, batch_size, seq_len, param_bytes, vocab,
                                                     rank if method in ("lowrank", "relora") else 0)
     saved = L * ck_in if activation_checkpointing else L * block  # saved by the blocks at the loss
     rebuilt = block if activation_checkpointing else 0  # one block recomputed in backward
@@ -379,13 +382,13 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
     else:
         g_last, g_first, g_step = g_head, g_head + (L - 1) * g_block, full_grad_b + temp_b
     phases = {
-        "loss": saved + head,  # cross-entropy backward, no gradient yet
+        "loss": saved + head + g["lm_head"],  # the chunked loss: its only gradient yet is the head's
         "backward_start": saved + rebuilt + bwd_tmp + work_b + g_last,  # last block's backward
         "backward_end": (ck_in + block if activation_checkpointing else block) + bwd_tmp + work_b + g_first,
         "optimizer_step": g_step,  # all gradients + step temporaries (layer-wise: the embedding's)
     }
     peak_phase = max(phases, key=phases.get)
-    peak_b = full_param_b + full_opt_b + phases[peak_phase]
+    peak_b = full_param_b + full_opt_b + csr_b + phases[peak_phase]
     act_b = max(saved + head, saved + rebuilt)
 
     return {
@@ -401,7 +404,7 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
         "full_param_mem_gb": full_param_b / GB, "full_grad_mem_gb": full_grad_b / GB,
         "full_optimizer_mem_gb": full_opt_b / GB, "full_optimizer_bytes": full_opt_b,
         "activation_mem_gb": act_b / GB, "workspace_mem_gb": work_b / GB, "step_temp_mem_gb": temp_b / GB,
-        "full_total_gb": peak_b / GB, "peak_phase": peak_phase, "device": device,
+        "kernel_cache_mem_gb": csr_b / GB, "full_total_gb": peak_b / GB, "peak_phase": peak_phase, "device": device,
     }
 
 
@@ -417,11 +420,7 @@ def memory_rows(size: str, method: str = "all", rank: Optional[int] = None, delt
     ``measure_kind`` and ``ratio`` = measured / full_total_gb (the estimate is then made for the measuring
     device). ``device`` None: cuda when available for measuring; estimates alone assume cuda (the paper's).
     """
-    if measure and device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = device or "cuda"
+    device = measure_device(device) if measure else device or "cuda"  # measuring: checked before any row
     cfg = load_model_config(size)
     short = _short(cfg.name)
     recipe = default_recipe(cfg)

@@ -30,7 +30,8 @@ def build(method: str, seed: int = 0, model_cfg=None, **kw):
 
 
 # ----------------------------------------------------------------------------------------- the paper's table
-# PAPER.md, Parameters (M): recipe rank per size, delta 0.03 (alpha does not change a count)
+# The paper's parameter counts in M (SLTrain, Han et al., NeurIPS 2024, arXiv:2406.02214, Appendix F; recomputed
+# from the configs): recipe rank per size, delta 0.03 (alpha does not change a count)
 PAPER_PARAMS = {
     "llama_60m": (128, {"full": 58.07, "lowrank": 42.77, "sltrain": 43.53}),
     "llama_130m": (256, {"full": 134.11, "lowrank": 94.00, "sltrain": 96.55}),

@@ -158,6 +158,24 @@ def test_failed_export_leaves_no_half_folder(runs, tmp_path, monkeypatch):
     assert (good / "model.safetensors").read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["good"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
+def test_exported_files_follow_the_umask(runs, tmp_path, umask):
+    """Every exported file gets 0o666 & ~umask, as every other file the project writes (files.py); the weights
+    were written 0600 by safetensors."""
+    import os
+
+    previous = os.umask(umask)
+    try:
+        result = _invoke("export", runs["sltrain"], "--out", tmp_path / "x")
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777)
+             for p in (tmp_path / "x").rglob("*") if p.is_file()}
+    assert "x/model.safetensors" in modes and "x/config.json" in modes
+    assert modes == dict.fromkeys(modes, oct(0o666 & ~umask))
+
+
 def test_unconvertible_tokenizer_is_left_out_with_a_note(runs, tmp_path, monkeypatch):
     from sltrain_cli import export as export_mod
 

@@ -9,13 +9,17 @@ from sltrain_cli.configs import MethodConfig, ModelConfig, UserError
 from sltrain_cli.measure import measure_memory
 from sltrain_cli.memory import PAPER_RECIPE, estimate_memory, load_model_config, memory_rows
 
-# PAPER.md's LLaMA table (independent of conf/, so a conf typo cannot hide here).
+# The LLaMA shapes the paper trains (60M-1B: Table 2, 7B: Table 4 of "SLTrain: a sparse plus low-rank approach for
+# parameter and memory efficient pretraining", Han et al., NeurIPS 2024, arXiv:2406.02214; the dims of GaLore's
+# reference configs, which SLTrain's code reuses), written out independently of conf/, so a conf typo cannot hide.
 PAPER_SHAPES = {  # hidden, intermediate, layers, heads
     "60m": (512, 1376, 8, 8), "130m": (768, 2048, 12, 12), "350m": (1024, 2736, 24, 16),
     "1b": (2048, 5461, 24, 32), "7b": (4096, 11008, 32, 32),
 }
 
-# PAPER.md "Parameters (M) and estimated memory (G)": recomputed targets, (M params, G memory).
+# The paper's parameter (M) and estimated memory (G) cells (SLTrain, Han et al., NeurIPS 2024, arXiv:2406.02214,
+# Appendix F: bf16 parameters + Adam moments, int64 indices, 1G = 1e9 B), recomputed from the configs with that
+# convention: the printed cells were rounded by hand (and 60M Full / ReLoRA params misprinted). (M params, G memory).
 PAPER_TABLE = {
     "full": {"60m": (58.07, 0.348), "130m": (134.11, 0.805), "350m": (367.97, 2.208), "1b": (1339.08, 8.035)},
     "lowrank": {"60m": (42.77, 0.257), "130m": (94.00, 0.564), "350m": (185.22, 1.111), "1b": (609.31, 3.656)},
@@ -84,11 +88,12 @@ def test_fuller_figures():
     big = [32000 * 512] * 2 + [512 * 512] * 32 + [1376 * 512] * 24
     expect = sum(2 * (k + 4 * -(-k // 256)) for k in big) + (2 * 8 + 1) * 512 * 8 + 2 * 256 * 4
     assert b8["full_optimizer_bytes"] == expect
-    # activations grow with tokens and shrink with checkpointing
+    # activations grow with tokens (less than in proportion: the loss holds one chunk of at most 524 rows of fp32
+    # logits at 32000 vocab, 255 rows at batch 1) and shrink with checkpointing
     a1 = estimate_memory(cfg, "full", batch_size=1)["activation_mem_gb"]
     a4 = estimate_memory(cfg, "full", batch_size=4)["activation_mem_gb"]
     ac = estimate_memory(cfg, "full", batch_size=4, activation_checkpointing=True)["activation_mem_gb"]
-    assert a4 == pytest.approx(4 * a1) and ac < a4
+    assert 2 * a1 < a4 < 4 * a1 and ac < a4
     for r in (full, b8, lw):  # the peak over phases: at least params + state + the larger of the two
         base = r["full_param_mem_gb"] + r["full_optimizer_mem_gb"]
         every = sum(r[k] for k in ("full_grad_mem_gb", "activation_mem_gb", "workspace_mem_gb", "step_temp_mem_gb"))
@@ -149,6 +154,21 @@ def test_load_model_config_matches_paper(size):
         d, m, L, h = PAPER_SHAPES[size]
         assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads) == (d, m, L, h)
         assert cfg.vocab_size == 32000
+
+
+def test_sources_cite_the_paper_not_a_file_outside_the_repository():
+    """Issue 20: `sltrain list` (the conf/ comments) and README.md cited a notes file that the repository does not hold;
+    they cite the paper itself (SLTrain, Han et al., NeurIPS 2024, arXiv:2406.02214)."""
+    from sltrain_cli.catalog import group_rows
+
+    missing = "PAPER" + ".md"  # spelled apart so that this file does not cite it either
+    rows = group_rows("models") + group_rows("experiments")
+    assert not [r["option"] for r in rows if missing in r["description"]]
+    assert not [r["option"] for r in rows if r["option"] != "tiny" and "arXiv:2406.02214" not in r["description"]]
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "README.md", *root.glob("conf/**/*.yaml"), *root.glob("sltrain_cli/**/*.py"),
+             *root.glob("tests/*.py"), *root.glob("benchmarks/*")]
+    assert not [str(p.relative_to(root)) for p in files if p.is_file() and missing in p.read_text()]
 
 
 def test_load_model_config_env(tmp_path, monkeypatch):
@@ -285,6 +305,45 @@ def test_measure_tiny_cpu():
     assert 0.85 < r["measured_gb"] / e["full_total_gb"] < 1.15
 
 
+@pytest.mark.parametrize("batch_size,seq_len", [(1, 256), (4, 128)])
+def test_measure_tiny_with_a_full_vocab_matches_estimate(batch_size, seq_len):
+    """Issue 20: `memory-estimate --size tiny --measure` (batch 1 x 256) measured 0.77 of our estimate. The estimate
+    still counted the unchunked fp32 cross-entropy (12 B x tokens x vocab), which core/model.py's chunked loss never
+    holds; at a 32000 vocab that term is most of a small model's peak (the peak phase here is the loss)."""
+    cfg = load_model_config("tiny")
+    assert cfg.vocab_size == 32000
+    r = measure_memory(cfg, MethodConfig(name="sltrain", rank=16, delta=0.03), batch_size=batch_size,
+                       seq_len=seq_len, steps=2, device="cpu", precision="bf16-pure")
+    e = estimate_memory(cfg, "sltrain", 16, 0.03, batch_size=batch_size, seq_len=seq_len, device="cpu")
+    assert e["peak_phase"] == "loss"
+    assert 0.95 < r["measured_gb"] / e["full_total_gb"] < 1.05  # measured 1.001 and 1.000
+
+
+@pytest.mark.parametrize("method,rank", [("sltrain", 128), ("sparse", 0)])
+def test_factored_kernel_cache_matches_real(method, rank):
+    """Layers that `auto` puts on the factored kernel keep their CSR plan (12 B per nonzero at int32): counted to
+    the byte (it was missing: sltrain / sparse at 60m-130m measured 1.02-1.06 of our estimate)."""
+    from sltrain_cli.core.convert import apply_method
+    from sltrain_cli.core.model import LlamaForCausalLM
+    from sltrain_cli.core.sparse_lowrank import SparseLowRankLinear, choose_kernels
+
+    cfg = ModelConfig(name="w", hidden_size=512, intermediate_size=1376, num_layers=2, num_heads=8, vocab_size=512)
+    torch.manual_seed(0)
+    model = apply_method(LlamaForCausalLM(cfg), MethodConfig(name=method, rank=rank, delta=0.03)).to(torch.bfloat16)
+    kernels = choose_kernels(model, 256, torch.bfloat16, "cpu")  # what a layer's first call picks at 256 tokens
+    assert "factored" in kernels.values()  # (sparse keeps 512->512 on compose: a mix)
+    kept = 0
+    for layer in model.modules():
+        if isinstance(layer, SparseLowRankLinear) and layer.chosen_kernel == "factored":
+            plan = layer._csr.plan(layer.indices, layer.out_features, layer.in_features)
+            kept += sum(t.numel() * t.element_size() for t in (plan.crow, plan.col, plan.t_crow, plan.t_col,
+                                                                plan.t_perm, plan.perm) if t is not None)
+    e = estimate_memory(cfg, method, rank, 0.03, batch_size=1, seq_len=256, device="cpu")
+    assert kept > 0 and e["kernel_cache_mem_gb"] * 1e9 == kept
+    # at 4 x 256 tokens every layer runs compose, which keeps nothing
+    assert estimate_memory(cfg, method, rank, 0.03, batch_size=4, seq_len=256, device="cpu")["kernel_cache_mem_gb"] == 0
+
+
 SETTINGS = [("adam", False, False, "bf16-pure"), ("adam", False, True, "fp32"), ("adam8bit", True, False, "bf16-pure")]
 
 
@@ -383,3 +442,27 @@ def test_memory_estimate_cli_bad_input_exits_2(tmp_path, args, key):
     assert result.exit_code == 2, result.output
     assert key in result.output and "Traceback" not in result.output
     assert not (tmp_path / "t.csv").exists()
+
+
+def _one_line_exit_2(result, *words):
+    assert result.exit_code == 2, result.output + repr(result.exception)
+    assert "Traceback" not in result.output and result.stdout == "", result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_measure_on_cuda_without_cuda_is_one_line_exit_2(tmp_path):
+    """Issue 20: --device cuda --measure on a machine without CUDA printed torch's traceback."""
+    result = _cli("--size", "tiny", "--device", "cuda", "--measure", "--out", str(tmp_path / "t.csv"))
+    _one_line_exit_2(result, "error: --device:", "cuda is not available on this machine", "--device cpu")
+    assert not (tmp_path / "t.csv").exists()
+
+
+def test_measure_on_an_unknown_or_absent_device_is_one_line_exit_2(monkeypatch):
+    _one_line_exit_2(_cli("--size", "tiny", "--device", "tpu", "--measure"), "--device", "auto, cpu or cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a one-GPU machine, as far as the check sees
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    _one_line_exit_2(_cli("--size", "tiny", "--device", "cuda:3", "--measure"), "--device", "cuda:3", "cuda:0")

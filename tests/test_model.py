@@ -12,7 +12,8 @@ from sltrain_cli.core.model import LlamaForCausalLM
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
-PAPER_DIMS = {  # PAPER.md: hidden, intermediate, layers, heads
+PAPER_DIMS = {  # hidden, intermediate, layers, heads: GaLore's reference LLaMA configs, as SLTrain uses them
+    # (SLTrain, Han et al., NeurIPS 2024, arXiv:2406.02214; 60M-1B in its Table 2, 7B in Table 4)
     "llama_9m": (128, 352, 4, 4), "llama_20m": (256, 688, 4, 4), "llama_35m": (384, 1024, 6, 8),
     "llama_60m": (512, 1376, 8, 8), "llama_130m": (768, 2048, 12, 12), "llama_350m": (1024, 2736, 24, 16),
     "llama_1b": (2048, 5461, 24, 32), "llama_3b": (2560, 6848, 32, 32), "llama_7b": (4096, 11008, 32, 32),
