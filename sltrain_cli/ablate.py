@@ -41,9 +41,10 @@ from rich.console import Console
 from .ablate_pruning import dense_of, study_pruning, svd_split, target_modules
 from .checkpoint import latest_checkpoint
 from .compose import drop_keys, find_override, load_config, quote, run_name, split_override
-from .configs import ConfigError, MethodName, Precision, UserError
+from .configs import ConfigError, Precision, UserError
 from .core.model import LlamaForCausalLM
 from .files import atomic_torch_save
+from .methods import all_methods, get_method
 from .results import frame, make_console, plot_lines, print_table, write_table
 from .runs import load_run
 from .sweep import Trial, out_root, run_trials, validate_trials
@@ -148,9 +149,10 @@ def _final_loss(run_dir: Path) -> Optional[float]:
 
 
 def _need_sparse(cfg, study: str) -> None:
-    if cfg.method.name not in (MethodName.sltrain, MethodName.sparse):
-        raise ConfigError("method", f"study={study} varies the sparse support: use method=sltrain or method=sparse, "
-                                    f"got {cfg.method.name.value}")
+    if not get_method(cfg.method.name).has_support:
+        with_support = ", ".join(m.name for m in all_methods() if m.has_support)
+        raise ConfigError("method", f"study={study} varies the sparse support: use a method that has one "
+                                    f"({with_support}), got {cfg.method.name.value}")
 
 
 # ----------------------------------------------------------------------------------------- seeds
@@ -257,7 +259,8 @@ def study_spectrum(own, rest, folder: Path, console: Console) -> List[dict]:
     r_fixed = int(explicit_rank) if explicit_rank is not None else None
     runs = [load_run(p, key="runs", precision=Precision.fp32) for p in paths]
     if r_fixed is None:
-        lowrank = [x.cfg.method.rank for x in runs if x.cfg.method.name != MethodName.full and x.cfg.method.rank > 0]
+        lowrank = [x.cfg.method.rank for x in runs
+                   if get_method(x.cfg.method.name).uses("rank") and x.cfg.method.rank > 0]
         r_fixed = lowrank[0] if lowrank else None
     series, rows = {}, []
     for run in runs:
@@ -272,7 +275,7 @@ def study_spectrum(own, rest, folder: Path, console: Console) -> List[dict]:
         series[label] = (list(range(1, k + 1)), normalized.tolist())
         eff = [math.exp(float(-(p * p.clamp_min(1e-300).log()).sum())) for p in (s / s.sum() for s in spectra)]
         rows.append({"#": len(rows) + 1, "run": run.run_dir.name, "method": run.cfg.method.name.value,
-                     "rank": run.cfg.method.rank if run.cfg.method.name != MethodName.full else None,
+                     "rank": run.cfg.method.rank if get_method(run.cfg.method.name).uses("rank") else None,
                      "matrices": len(spectra), "min_side": k, "eff_rank": _mean(eff), "eff_rank_frac": _mean(eff) / k,
                      "stable_rank": _mean([float((s ** 2).sum() / s[0] ** 2) for s in spectra]),
                      "r": r, "energy_top_r": _mean([float((s[:r] ** 2).sum() / (s ** 2).sum()) for s in spectra])})
@@ -285,10 +288,4 @@ def study_spectrum(own, rest, folder: Path, console: Console) -> List[dict]:
 
 def _describe(method) -> str:
     """'sltrain r=8 delta=0.1' / 'lowrank r=64' / 'full'."""
-    name = method.name.value
-    if method.name in (MethodName.full,):
-        return name
-    if method.name in (MethodName.sltrain, MethodName.sparse):
-        rank = f" r={method.rank}" if method.name == MethodName.sltrain else ""
-        return f"{name}{rank} delta={method.delta:g} ({method.support.value} support)"
-    return f"{name} r={method.rank}"
+    return get_method(method.name).describe(method)

@@ -27,12 +27,13 @@ from rich.console import Console
 
 from . import data as data_lib
 from .compose import drop_keys, load_config, split_override
-from .configs import ConfigError, MethodName, Precision
+from .configs import ConfigError, Precision
 from .core.optim import build_optimizer, build_scheduler
 from .core.sparse_lowrank import SparseLowRankLinear, sample_support
 from .distributed import resolve_device
 from .evaluate import evaluate_ppl
 from .files import read_overrides
+from .methods import all_methods, get_method
 from .results import frame, plot_lines, print_table, write_table
 from .runs import LoadedRun, autocast_for, load_run
 from .train import train_step
@@ -100,8 +101,9 @@ class _Target:
 
 def study_pruning(own, rest, folder: Path, console: Console) -> List[dict]:
     run = load_run(own["from"][-1], key="from", precision=Precision.fp32)
-    if run.cfg.method.name != MethodName.full:
-        raise ConfigError("from", f"study=pruning needs a full-rank run (method=full); {run.run_dir} is "
+    if not get_method(run.cfg.method.name).dense_weights:
+        dense = ", ".join(f"method={m.name}" for m in all_methods() if m.dense_weights)
+        raise ConfigError("from", f"study=pruning needs a run with dense weights ({dense}); {run.run_dir} is "
                                   f"method={run.cfg.method.name.value}")
     cfg = _pruning_config(run, rest)
     rank, delta = cfg.method.rank, cfg.method.delta
@@ -201,7 +203,7 @@ def _train_values(model, cfg, run: LoadedRun, device, autocast) -> Tuple[List[in
     stream, _ = data_lib.build_datasets(data_lib.open_corpus(run.cfg.data), run.tokenizer,
                                         rows_per_step=cfg.train.total_batch_size,
                                         cache_root=data_lib.cache_root(run.cfg.tokenizer))
-    method = dataclasses.replace(cfg.method, name=MethodName.sltrain)
+    method = dataclasses.replace(cfg.method, name="sltrain")  # the study's subject: SLTrain's L0 + pruned S form
     model.to(device).train()
     optimizer = build_optimizer(model, cfg.optim, method)
     scheduler = build_scheduler(optimizer, cfg.optim, method, cfg.train.steps)

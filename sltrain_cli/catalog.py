@@ -15,15 +15,15 @@ from enum import Enum
 from textwrap import wrap
 from typing import Dict, List, Optional
 
-from .compose import GROUPS, METHOD_KEYS, conf_dir, group_options, load_config, option_values
+from .compose import GROUPS, conf_dir, group_options, load_config, option_values
 from .configs import DataConfig, MethodConfig, ModelConfig, OptimConfig, TrainConfig, UserError
+from .methods import get_method, method_names
 
 # what users type -> conf/ folder; singular names work too
 GROUP_NAMES = {"models": "model", "methods": "method", "data": "data", "optim": "optim", "train": "train",
                "experiments": "experiment"}
 SLICES = {"model": ModelConfig, "method": MethodConfig, "data": DataConfig, "optim": OptimConfig,
           "train": TrainConfig}
-METHOD_EXTRAS = {"relora": ("merge_every", "restart_warmup", "reset"), "galore": ("update_proj_gap", "scale")}
 
 
 def resolve_group(name: str) -> str:
@@ -69,9 +69,9 @@ def _row(group: str, option: str) -> dict:
         return {**row, "hidden": v["hidden_size"], "intermediate": v["intermediate_size"],
                 "layers": v["num_layers"], "heads": v["num_heads"]}
     if group == "method":
-        used = METHOD_KEYS[v["name"]]
-        extras = ", ".join(f"{k}={v[k]}" for k in METHOD_EXTRAS.get(v["name"], ()))
-        return {**row, **{k: v[k] if k in used else None for k in ("rank", "delta", "alpha")}, "also": extras}
+        method = get_method(v["name"])
+        extras = ", ".join(f"{k}={v[k]}" for k in method.catalog_extras)
+        return {**row, **{k: v[k] if method.uses(k) else None for k in ("rank", "delta", "alpha")}, "also": extras}
     if group == "data":
         return {**row, "seq_len": v["seq_len"], "streaming": v["streaming"], "path": v["path"]}
     if group == "optim":
@@ -105,8 +105,10 @@ PEAK_KINDS = {"cuda_max_memory_allocated": "CUDA max allocated", "cpu_peak_rss":
 
 def without_unused(row: dict) -> dict:
     """rank / delta blanked (None) where the row's method does not use them (full: neither, sparse: no rank)."""
-    used = METHOD_KEYS.get(row.get("method"), ("rank", "delta"))
-    return {k: (None if k in ("rank", "delta") and k not in used else v) for k, v in row.items()}
+    if row.get("method") not in method_names():
+        return dict(row)
+    method = get_method(row["method"])
+    return {k: (None if k in ("rank", "delta") and not method.uses(k) else v) for k, v in row.items()}
 
 
 def summary_view(summary: dict) -> dict:

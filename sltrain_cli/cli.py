@@ -259,8 +259,8 @@ class Fmt(str, Enum):
 @_user_errors
 def memory_estimate(size: str = typer.Option("60m", "--size", help="60m, 130m, 350m, 1b, 7b or a model option "
                                                                    "(below)."),
-                    method: str = typer.Option("all", "--method", help="all, full, lowrank, sltrain, sparse, "
-                                                                       "relora or galore."),
+                    method: str = typer.Option("all", "--method", help="all or one method: sltrain list "
+                                                                       "methods."),
                     rank: Optional[int] = typer.Option(None, "--rank", help="Default: the paper's recipe for "
                                                                             "the size."),
                     delta: Optional[float] = typer.Option(None, "--delta", help="Default: the paper's recipe."),

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .configs import ConfigError, RunConfig
+from .methods import get_method
 
 ALIASES = {
     "rank": "method.rank",
@@ -39,24 +40,12 @@ ALIASES = {
 GROUPS = ("model", "method", "data", "optim", "train", "experiment")
 RECIPES_KEY = "method_recipes"  # experiment presets: {method name: {dotted key: value}}
 
-# The method keys each method reads; the others stay in its config but change nothing (name and warm_start
-# are read by every method). --print-config and config.yaml mark the others "(unused by method=...)".
-_SPARSE_KEYS = ("delta", "support", "support_seed", "index_dtype", "block_size", "kernel")
-METHOD_KEYS = {
-    "full": (),
-    "lowrank": ("rank", "target_modules"),
-    "sparse": ("target_modules", *_SPARSE_KEYS),
-    "sltrain": ("rank", "alpha", "target_modules", *_SPARSE_KEYS),
-    "relora": ("rank", "alpha", "target_modules", "merge_every", "reset", "reset_ratio", "restart_warmup"),
-    "galore": ("rank", "target_modules", "update_proj_gap", "scale"),
-}
-
-
 def unused_method_keys(method_cfg) -> List[str]:
-    """The MethodConfig fields ``method_cfg.name`` does not read, e.g. ['rank', 'delta', ...] for full."""
-    name = getattr(method_cfg.name, "value", method_cfg.name)
+    """The MethodConfig fields ``method_cfg.name`` does not read (``Method.keys``), e.g. ['rank', 'delta', ...]
+    for full; --print-config and config.yaml mark them "(unused by method=...)"."""
+    method = get_method(method_cfg.name)
     return [f.name for f in dataclasses.fields(method_cfg)
-            if f.name not in ("name", "warm_start", *METHOD_KEYS[name])]
+            if f.name not in ("name", "warm_start") and not method.uses(f.name)]
 
 
 def conf_dir() -> Path:

@@ -15,17 +15,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
+from .errors import ConfigError, UserError
+from .methods import all_methods, get_method
 
-class UserError(Exception):
-    """A user mistake (bad input, unreachable data source); the CLI prints one line and exits with code 2."""
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration value out of range or unknown; the message starts with the full key."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"{key}: {message}")
+__all__ = ["ConfigError", "UserError"]  # re-exported: they lived here first
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -51,14 +44,8 @@ def _accept_values(enum_cls):
     return enum_cls
 
 
-@_accept_values
-class MethodName(str, Enum):
-    full = "full"  # dense weights, Adam
-    lowrank = "lowrank"  # W = B A
-    sltrain = "sltrain"  # W = (alpha/r) B A + S, S on a fixed random support
-    sparse = "sparse"  # W = S only (rank 0)
-    relora = "relora"  # W = W0 + (alpha/r) B A, merged every merge_every steps
-    galore = "galore"  # dense weights, gradient-projected Adam moments
+# method=NAME: one member per module of sltrain_cli/methods/ (each module documents its method), in display order
+MethodName = _accept_values(Enum("MethodName", {m.name: m.name for m in all_methods()}, type=str))
 
 
 @_accept_values
@@ -222,13 +209,7 @@ class MethodConfig:
         _check(self.restart_warmup >= 0, "method.restart_warmup", f"must be >= 0, got {self.restart_warmup}")
         _check(self.update_proj_gap >= 1, "method.update_proj_gap", f"must be >= 1, got {self.update_proj_gap}")
         _check(math.isfinite(self.scale) and self.scale > 0, "method.scale", f"must be finite, > 0, got {self.scale}")
-        if self.name in (MethodName.lowrank, MethodName.relora, MethodName.galore):
-            _check(self.rank >= 1, "method.rank", f"must be >= 1 for method={self.name.value}, got {self.rank}")
-        if self.name == MethodName.sltrain:
-            _check(self.rank >= 1 or self.delta > 0, "method.rank",
-                   "sltrain needs rank >= 1 or delta > 0 (use method=sparse for rank 0)")
-        if self.name == MethodName.sparse:
-            _check(self.delta > 0, "method.delta", f"must be > 0 for method=sparse, got {self.delta}")
+        get_method(self.name).check(self)  # the method's own rules (methods/NAME.py)
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from .configs import ConfigError, Precision, UserError
 from .files import _umask
+from .methods import get_method
 from .runs import LoadedRun, load_run
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -195,13 +196,7 @@ def model_card(run: LoadedRun, state: dict, dtype: str, tokenizer_note: Optional
     summary = _summary(run)
     at_end = summary.get("steps") == run.step
     exported = sum(t.numel() for t in state.values())
-    rows = [("method", name), ("model", cfg.model.name)]
-    if name not in ("full",):
-        rows.append(("rank", method.rank))
-    if name in ("sltrain", "sparse"):
-        rows += [("delta (support density)", method.delta), ("alpha", method.alpha)]
-    elif name == "relora":
-        rows += [("alpha", method.alpha), ("merge every (steps)", method.merge_every)]
+    rows = [("method", name), ("model", cfg.model.name), *get_method(name).card_rows(method)]
     rows += [("parameters as trained", f"{counts['total']:,} (low-rank {counts['lowrank']:,}, sparse values "
                                        f"{counts['sparse_values']:,}, dense {counts['dense']:,})"),
              ("parameters exported (dense)", f"{exported:,}"), ("exported dtype", dtype),

@@ -34,11 +34,10 @@ from typing import Dict, List, Optional, Tuple
 from .configs import TARGET_MODULES, ConfigError, MethodConfig, MethodName, ModelConfig, UserError
 from .core.convert import method_rank_limit
 from .core.model import LOSS_CHUNK_LOGITS, LOSS_CHUNK_MIN
-from .core.optim import BNB_BLOCKSIZE, BNB_MIN_8BIT_SIZE, galore_target_params
+from .core.optim import BNB_BLOCKSIZE, BNB_MIN_8BIT_SIZE
 from .core.sparse_kernels import choose_kernel
 from .measure import GB, measure_device, measure_memory
-
-METHODS_ALL = ("full", "lowrank", "relora", "galore", "sltrain", "sparse")  # what method="all" expands to
+from .methods import all_methods, get_method, method_names
 
 # Sizes without a conf/experiment/paper_<size>.yaml preset (the paper trains none of them) take our rule:
 # rank hidden_size // 4, delta 0.03. One exception: 3b has always used rank 768 (its hidden/4 is 640).
@@ -147,7 +146,7 @@ def _inventory(cfg: ModelConfig, method: str, rank: int, delta: float, vocab: in
 
     The model is built on the meta device; kinds follow core.convert.count_parameters (A, B of a swapped
     layer: lowrank; values: sparse_values; a parameter without requires_grad, ReLoRA's W0: frozen). GaLore's
-    projected matrices are the optimizer's own ``galore_target_params``.
+    projected matrices are the method's own ``projected_params`` (what the optimizer projects).
     """
     cfg = dataclasses.replace(cfg, vocab_size=int(vocab))
     targets = tuple(target_modules or TARGET_MODULES)
@@ -171,8 +170,8 @@ def _build_inventory(cfg_values: tuple, method: str, rank: int, delta: float, ta
     except ValueError as err:  # e.g. a sparse layer whose int(delta * in * out) is 0
         raise UserError(f"--delta: {err}") from None
     projected = {}
-    if method == "galore":
-        projected = {id(p): tuple(p.shape) for p in galore_target_params(model, method_cfg.target_modules)}
+    if get_method(method).projects_moments:
+        projected = {id(p): tuple(p.shape) for p in get_method(method).projected_params(model, method_cfg)}
     out, seen, widest, sparse_layers = [], set(), 0, []
     for path, module in model.named_modules():
         plain = type(module) in (nn.Linear, nn.Embedding)
@@ -258,7 +257,7 @@ def _step_temp_bytes(trainable, method: str, optimizer: str, layerwise: bool, de
     if not trainable:
         return 0
     largest = max(t.numel for t in trainable)
-    if method == "galore":
+    if get_method(method).projects_moments:
         def one(t):
             if t.galore_shape:
                 o, i = t.galore_shape
@@ -301,7 +300,11 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
     recipe = default_recipe(model_cfg) if rank is None or delta is None else {}
     rank = int(recipe["rank"] if rank is None else rank)
     delta = float(recipe["delta"] if delta is None else delta)
-    rank = 0 if method == "sparse" else rank
+    if method not in method_names():
+        allowed = ", ".join(x.name for x in all_methods())
+        raise UserError(f"--method: unknown method {method!r}; choose from {allowed}, all")
+    m = get_method(method)
+    rank = rank if m.uses("rank") or not m.has_support else 0  # a support without a low-rank part: rank 0
     _check_method(model_cfg, method, rank, delta)
     if optimizer not in ("adam", "adam8bit"):
         raise UserError(f"--optimizer: must be adam or adam8bit, got {optimizer!r}")
@@ -322,14 +325,9 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
     n_adapter = sum(t.numel for t in params if t.kind == "lowrank")
 
     # ---- paper convention (fixed: bf16, int64 indices, 2 moments, no grads/activations)
-    if method == "relora":  # full model + low-rank model, moments over the low-rank model
-        # ReLoRA's model = the full model (W0: the dense targets) + adapters = the low-rank model + W0
-        full_total, lowrank_total = n_params - n_adapter, n_params - n_frozen
-        paper_total, paper_train = full_total + lowrank_total, lowrank_total
-    else:
-        paper_total, paper_train = n_params, n_train
+    paper_total, paper_train = m.paper_params(n_params, n_adapter, n_frozen, n_train)  # ReLoRA: two models
     moments = (sum(2 * rank * max(t.galore_shape) + rank * min(t.galore_shape) if t.galore_shape else 2 * t.numel
-                   for t in trainable) if method == "galore" else 2 * paper_train)
+                   for t in trainable) if m.projects_moments else 2 * paper_train)
     paper_param_b, paper_opt_b = 2 * paper_total + 8 * n_index, 2 * moments
 
     # ---- fuller figures
@@ -348,7 +346,7 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
         else:
             state_numel = t.numel
         if optimizer == "adam":
-            full_opt_b += 2 * param_bytes * state_numel + (0 if method == "galore" else 4)
+            full_opt_b += 2 * param_bytes * state_numel + (0 if m.projects_moments else 4)
         else:
             full_opt_b += _adam8bit_bytes(state_numel)
             n_8bit += state_numel >= BNB_MIN_8BIT_SIZE
@@ -357,7 +355,7 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
     # gradient G^T x in backward, one layer at a time. On CPU in bf16 the rank-r product is done in fp32
     # and cast down (6 B per entry alive).
     per_entry = 6 if (device == "cpu" and param_bytes == 2) else param_bytes
-    work_b = biggest * per_entry if method in ("sltrain", "sparse") else 0
+    work_b = biggest * per_entry if m.builds_dense_weight else 0
     temp_b = _step_temp_bytes(trainable, method, optimizer, layerwise, device, rank, param_bytes)
     # A layer on the factored kernel (kernel="auto" picks per layer) keeps a CsrPlan: S's and S^T's column indices,
     # the permutation into S^T's order (3 nnz) and both row pointers, int32 where they fit (core/sparse_kernels.py)
@@ -371,7 +369,7 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
     # Under layer-wise updates a gradient lives only until its hook has stepped it.
     L = model_cfg.num_layers
     block, ck_in, head, bwd_tmp = _activation_parts(model_cfg, batch_size, seq_len, param_bytes, vocab,
-                                                    rank if method in ("lowrank", "relora") else 0)
+                                                    rank if m.low_rank_activations else 0)
     saved = L * ck_in if activation_checkpointing else L * block  # saved by the blocks at the loss
     rebuilt = block if activation_checkpointing else 0  # one block recomputed in backward
     g = {k: param_bytes * sum(t.numel for t in trainable if t.name.split(".")[0] == k)
@@ -392,8 +390,8 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
     act_b = max(saved + head, saved + rebuilt)
 
     return {
-        "method": method, "size": size, "rank": None if method == "full" else rank,
-        "delta": delta if method in ("sltrain", "sparse") else None,
+        "method": method, "size": size, "rank": rank if m.uses("rank") or m.has_support else None,
+        "delta": delta if m.has_support else None,
         "params_total": paper_total, "params_trainable": paper_train,
         "param_mem_gb": paper_param_b / GB, "optimizer_mem_gb": paper_opt_b / GB,
         "total_mem_gb": (paper_param_b + paper_opt_b) / GB,
@@ -413,7 +411,7 @@ def memory_rows(size: str, method: str = "all", rank: Optional[int] = None, delt
                 optimizer: str = "adam", layerwise: bool = False, index_dtype: str = "int64",
                 batch_size: int = 1, seq_len: int = 256, activation_checkpointing: bool = False,
                 measure: bool = False, device: Optional[str] = None) -> List[dict]:
-    """One estimate row per method (``method='all'``: full, lowrank, relora, galore, sltrain, sparse).
+    """One estimate row per method (``method='all'``: every method, in display order).
 
     rank / delta default to ``default_recipe`` (the size's paper preset). With ``measure`` each row also
     gets ``measured_gb`` (a few bf16-pure training steps of the real model on ``device``, measure.py),
@@ -426,7 +424,7 @@ def memory_rows(size: str, method: str = "all", rank: Optional[int] = None, delt
     recipe = default_recipe(cfg)
     rank = int(recipe["rank"] if rank is None else rank)
     delta = float(recipe["delta"] if delta is None else delta)
-    methods = list(METHODS_ALL) if method == "all" else [method]
+    methods = [x.name for x in all_methods()] if method == "all" else [method]
     rows = []
     for m in methods:
         row = estimate_memory(cfg, m, rank, delta, optimizer=optimizer, layerwise=layerwise,
@@ -434,7 +432,7 @@ def memory_rows(size: str, method: str = "all", rank: Optional[int] = None, delt
                               activation_checkpointing=activation_checkpointing, device=device)
         row["size"] = short
         if measure:
-            mcfg = MethodConfig(name=m, rank=row["rank"] or (0 if m == "sparse" else rank), delta=delta,
+            mcfg = MethodConfig(name=m, rank=rank if row["rank"] is None else row["rank"], delta=delta,
                                 index_dtype=index_dtype)
             try:
                 meas = measure_memory(cfg, mcfg, optimizer=optimizer, layerwise=layerwise, batch_size=batch_size,

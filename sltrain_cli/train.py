@@ -31,9 +31,8 @@ from . import data as data_lib
 from . import distributed
 from .checkpoint import load_training_state, prune_checkpoints, save_training_state
 from .collapse import CollapseWatch
-from .compose import METHOD_KEYS, to_container, to_yaml
-from .configs import MethodName, ModelConfig, Parallel, RunConfig, UserError
-from .core import relora
+from .compose import to_container, to_yaml
+from .configs import ModelConfig, Parallel, RunConfig, UserError
 from .core.convert import check_method_fits, count_parameters
 from .core.optim import (
     LayerwiseOptimizer,
@@ -52,6 +51,7 @@ from .files import (
     write_json,
     write_overrides,
 )
+from .methods import get_method
 from .results import RunSummary, plot_run_curves
 from .runs import (
     autocast_for,
@@ -181,9 +181,9 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
     if tcfg.layerwise:  # refuse what layer-wise updates cannot honour before any work is done
         check_layerwise(cfg.optim, rt.world_size)
         rt.print("train.layerwise: gradient clipping is off (a global norm needs every gradient at once)")
-    if fsdp and mcfg.name == MethodName.galore:
-        raise UserError("train.parallel: fsdp does not support method=galore (its SVD needs whole gradients); "
-                        "use train.parallel=ddp")
+    method = get_method(mcfg.name)
+    if fsdp and not method.fsdp:
+        raise UserError(f"train.parallel: fsdp does not support method={method.name}; use train.parallel=ddp")
     check_method_fits(cfg.model, mcfg)
     warm_start = check_warm_start(mcfg.warm_start)
 
@@ -282,7 +282,7 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
               warm_start: Optional[Path], tokenizer, train_stream, val_set, progress: bool,
               stop: StopSignal) -> RunSummary:
     """The loop proper, in a locked run folder."""
-    tcfg, mcfg, device = cfg.train, cfg.method, rt.device
+    tcfg, mcfg, device, method = cfg.train, cfg.method, rt.device, get_method(cfg.method.name)
     ckpt_dir = run_dir / "checkpoints"
     unigram = data_lib.unigram_perplexity(train_stream, val_set)
     val_batches = val_set.batches(tcfg.eval_tokens, tcfg.micro_batch_size, rank=rt.rank, world_size=rt.world_size)
@@ -327,7 +327,7 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
 
     summary: RunSummary = {
         "command": "pretrain", "run": run_dir.name, "run_dir": str(run_dir), "model": cfg.model.name,
-        "method": mcfg.name.value, **{k: getattr(mcfg, k) if k in METHOD_KEYS[mcfg.name.value] else None
+        "method": method.name, **{k: getattr(mcfg, k) if method.uses(k) else None
                                       for k in ("rank", "delta")},  # None where the method does not use it
         "params_total": counts["total"], "params_trainable": counts["trainable"],
         "params_lowrank": counts["lowrank"], "params_sparse": counts["sparse_values"],
@@ -350,8 +350,7 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
                 t0 = time.perf_counter()
                 loss_sum, grad_norm = train_step(wrapped, *train_stream.next_batch(), accum, params, optimizer,
                                                  scheduler, cfg.optim.grad_clip, device, autocast)
-                if mcfg.name == MethodName.relora:  # after the lr-0 update k * merge_every, as the reference
-                    relora.merge_after_update(model, optimizer, mcfg, step, tcfg.steps, cfg.seed, device)
+                method.after_step(model, optimizer, mcfg, step, tcfg.steps, cfg.seed, device)  # ReLoRA's merge
                 state.train_time += time.perf_counter() - t0
                 state.tokens += tokens_per_step
                 bad = not bool(torch.isfinite(loss_sum)) or (grad_norm is not None and not math.isfinite(grad_norm))

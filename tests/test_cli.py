@@ -18,7 +18,6 @@ from sltrain_cli.catalog import description, group_rows, summary_view, without_u
 from sltrain_cli.cli import app
 from sltrain_cli.compose import (
     GROUPS,
-    METHOD_KEYS,
     from_container,
     group_options,
     load_config,
@@ -28,6 +27,7 @@ from sltrain_cli.compose import (
     unused_method_keys,
 )
 from sltrain_cli.configs import MethodConfig
+from sltrain_cli.methods import get_method, method_names
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = sorted(typer.main.get_command(app).commands)
@@ -196,8 +196,8 @@ def test_print_config_marks_keys_the_method_ignores(method, unused):
 
 def test_method_keys_name_real_fields():
     fields = set(MethodConfig.__dataclass_fields__)
-    assert set(METHOD_KEYS) == {m.value for m in type(MethodConfig().name)}
-    assert all(set(keys) <= fields for keys in METHOD_KEYS.values())
+    assert set(method_names()) == {m.value for m in type(MethodConfig().name)}
+    assert all(set(get_method(n).keys) <= fields for n in method_names())
 
 
 def test_marked_config_round_trips(tmp_path):

@@ -15,12 +15,12 @@ from sltrain_cli.core.optim import (
     build_optimizer,
     build_scheduler,
     check_layerwise,
-    galore_target_params,
     lr_factor,
     optimizer_state_bytes,
     relora_lr_factor,
     warmup_steps,
 )
+from sltrain_cli.methods import get_method
 
 
 def _bnb():
@@ -143,7 +143,8 @@ def test_build_galore_groups():
     assert (gal["rank"], gal["update_proj_gap"], gal["scale"]) == (4, 5, 0.5)
     assert {id(model.head.weight), id(model.mlp["up"].bias)} <= {id(p) for p in plain["params"]}
     # target_modules filters by attribute name
-    assert [id(p) for p in galore_target_params(model, ["up"])] == [id(model.mlp["up"].weight)]
+    up_only = MethodConfig(name="galore", rank=4, target_modules=["up"])
+    assert [id(p) for p in get_method("galore").projected_params(model, up_only)] == [id(model.mlp["up"].weight)]
 
 
 def test_build_galore_8bit():

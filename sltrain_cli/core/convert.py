@@ -1,13 +1,8 @@
 """Method swapping: turn a dense LlamaForCausalLM into the model a method trains, and count its parameters.
 
 ``apply_method(model, method_cfg)`` replaces every ``nn.Linear`` whose attribute name is in
-``method.target_modules`` (default q, k, v, o, gate, up, down; never the lm_head or the embeddings):
-
-    full, galore  nothing (dense weights; GaLore works inside the optimizer)
-    lowrank       LowRankLinear(rank)                          W = B A
-    sltrain       SparseLowRankLinear(rank, delta, alpha)      W = (alpha/r) B A + S
-    sparse        SparseLowRankLinear(rank=0, delta)           W = S
-    relora        ReLoRALinear(rank, alpha), frozen W0 = the current dense weight (so a warm start carries over)
+``method.target_modules`` (default q, k, v, o, gate, up, down; never the lm_head or the embeddings) by the layer
+the method's ``swap`` builds (sltrain_cli/methods/NAME.py); a method that trains dense weights builds none.
 
 Every sparse layer gets its own support seed, a hash of (method.support_seed, module path): layers differ from one
 another, and the same support_seed gives the same supports in every process (how DDP ranks agree).
@@ -17,12 +12,10 @@ from __future__ import annotations
 import hashlib
 from typing import Optional
 
-import torch
 import torch.nn as nn
 
-from ..configs import ConfigError, MethodConfig, MethodName, ModelConfig
-from .lowrank import LowRankLinear
-from .sparse_lowrank import SparseLowRankLinear, _index_dtype, sample_support
+from ..configs import ConfigError, MethodConfig, ModelConfig
+from ..methods import get_method
 
 
 def module_support_seed(support_seed: int, module_path: str) -> int:
@@ -42,47 +35,9 @@ def _targets(model: nn.Module, names) -> list:
     return found
 
 
-def _swap(linear: nn.Linear, path: str, method: MethodName, cfg: MethodConfig) -> nn.Module:
-    w = linear.weight
-    factory = {"device": w.device, "dtype": w.dtype}
-    bias = linear.bias is not None
-    n_in, n_out = linear.in_features, linear.out_features
-    if method == MethodName.lowrank:
-        return LowRankLinear(n_in, n_out, cfg.rank, bias=bias, **factory)
-    if method in (MethodName.sltrain, MethodName.sparse):
-        rank = 0 if method == MethodName.sparse else cfg.rank
-        layer = SparseLowRankLinear(n_in, n_out, rank, cfg.delta, cfg.alpha, bias=bias,
-                                    support_seed=module_support_seed(cfg.support_seed, path),
-                                    index_dtype=_index_dtype(cfg.index_dtype), support=cfg.support,
-                                    block_size=cfg.block_size, kernel=cfg.kernel.value, **factory)
-        if layer.support == "top" and layer.nnz and not w.is_meta:
-            # the largest entries of the weight being replaced (meaningful after a warm start / pretrained load)
-            layer.set_support(sample_support(n_out, n_in, cfg.delta, "top", reference=w))
-    elif method == MethodName.relora:
-        from .relora import ReLoRALinear  # another module's layer; imported only when used
-
-        with torch.device(w.device):
-            layer = ReLoRALinear(n_in, n_out, cfg.rank, cfg.alpha, bias=bias)
-        if layer.weight.dtype != w.dtype:  # a no-op .to() still walks every tensor
-            layer.to(w.dtype)
-        if not w.is_meta:
-            with torch.no_grad():
-                layer.weight.copy_(w)
-                if bias:
-                    layer.bias.copy_(linear.bias)
-        return layer
-    else:
-        raise ValueError(f"apply_method: unknown method {method!r}")
-    if bias and not w.is_meta:
-        with torch.no_grad():
-            layer.bias.copy_(linear.bias)
-    return layer
-
-
 def method_rank_limit(model_cfg: ModelConfig, method_cfg: MethodConfig) -> Optional[int]:
     """The largest rank the method can use on this model's target layers (None when it uses no rank)."""
-    method = MethodName(getattr(method_cfg.name, "value", method_cfg.name))
-    if method not in (MethodName.lowrank, MethodName.relora, MethodName.galore, MethodName.sltrain):
+    if not get_method(method_cfg.name).uses("rank"):
         return None
     d, m = model_cfg.hidden_size, model_cfg.intermediate_size
     sides = {"q": d, "k": d, "v": d, "o": d, "gate": min(d, m), "up": min(d, m), "down": min(d, m)}
@@ -98,12 +53,13 @@ def check_method_fits(model_cfg: ModelConfig, method_cfg: MethodConfig) -> None:
 
 
 def apply_method(model: nn.Module, method_cfg: MethodConfig) -> nn.Module:
-    """Swap the targeted nn.Linear modules in place for the method's layer; returns the model."""
-    method = MethodName(getattr(method_cfg.name, "value", method_cfg.name))
-    if method in (MethodName.full, MethodName.galore):
-        return model
+    """Swap the targeted nn.Linear modules in place for the method's layer (``Method.swap``; a method that keeps
+    dense weights swaps nothing); returns the model."""
+    method = get_method(method_cfg.name)
     for parent, attr, path, linear in _targets(model, set(method_cfg.target_modules)):
-        setattr(parent, attr, _swap(linear, path, method, method_cfg))
+        layer = method.swap(linear, path, method_cfg)
+        if layer is not None:
+            setattr(parent, attr, layer)
     return model
 
 

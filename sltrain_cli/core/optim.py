@@ -28,8 +28,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from sltrain_cli.configs import MethodConfig, MethodName, OptimConfig, OptimName, Schedule, UserError
+from sltrain_cli.configs import MethodConfig, OptimConfig, OptimName, Schedule, UserError
 from sltrain_cli.core.galore import GaLoreAdamW, GaLoreAdamW8bit
+from sltrain_cli.methods import get_method
 
 BNB_MISSING = "optim.name=adamw8bit needs bitsandbytes: pip install 'sltrain[bnb]'"
 # bitsandbytes 0.50 AdamW8bit state layout (optim/optimizer.py, Optimizer2State.init_state): a tensor with
@@ -88,13 +89,11 @@ def warmup_steps(optim_cfg: OptimConfig, total_steps: int) -> int:
 
 
 def schedule_fn(optim_cfg: OptimConfig, method_cfg: MethodConfig, total_steps: int) -> Callable[[int], float]:
-    """step -> lr factor for this run: ReLoRA's jagged cosine for method=relora, else ``lr_factor``."""
+    """step -> lr factor for this run: the method's own schedule (ReLoRA's jagged cosine), else ``lr_factor``."""
     warm = warmup_steps(optim_cfg, total_steps)
     min_ratio, sched = optim_cfg.min_lr_ratio, Schedule(optim_cfg.schedule)
-    if method_cfg.name == MethodName.relora:
-        every, rewarm = method_cfg.merge_every, method_cfg.restart_warmup
-        return lambda s: relora_lr_factor(s, total_steps, warm, min_ratio, every, rewarm)
-    return lambda s: lr_factor(s, total_steps, warm, min_ratio, sched)
+    own = get_method(method_cfg.name).schedule(method_cfg, total_steps, warm, min_ratio)
+    return own if own is not None else (lambda s: lr_factor(s, total_steps, warm, min_ratio, sched))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig, method_cfg: MethodConfig,
@@ -120,25 +119,6 @@ def _adam_kwargs(optim_cfg: OptimConfig) -> dict:
                 weight_decay=optim_cfg.weight_decay)
 
 
-def galore_target_params(model: nn.Module, target_modules) -> List[nn.Parameter]:
-    """Trainable 2-D weights of the nn.Linear modules whose attribute name is in ``target_modules``
-    (``layers.0.attn.q`` -> ``q``), in module order."""
-    targets, seen = [], set()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in target_modules:
-            w = module.weight
-            if w.requires_grad and w.dim() == 2 and id(w) not in seen:
-                seen.add(id(w))
-                targets.append(w)
-    return targets
-
-
-def _check_galore(targets: List[nn.Parameter], method_cfg: MethodConfig) -> None:
-    if not targets:
-        raise UserError("method=galore found no trainable nn.Linear named in method.target_modules="
-                        f"{list(method_cfg.target_modules)}")
-
-
 def _galore_group(params, method_cfg: MethodConfig) -> dict:
     return {"params": params, "galore": True, "rank": method_cfg.rank,
             "update_proj_gap": method_cfg.update_proj_gap, "scale": method_cfg.scale}
@@ -156,17 +136,16 @@ def _galore_optimizer(groups, optim_cfg: OptimConfig) -> torch.optim.Optimizer:
 def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, method_cfg: MethodConfig) -> torch.optim.Optimizer:
     """One optimizer over the trainable parameters of ``model``.
 
-    method=galore: GaLoreAdamW (GaLoreAdamW8bit with optim.name=adamw8bit) with a galore group for the
-    target Linear weights and a plain group for the rest. Otherwise optim.name=adamw8bit: bitsandbytes
-    AdamW8bit; adamw: torch AdamW.
+    A method with projected parameters (``Method.projected_params``: GaLore): GaLoreAdamW (GaLoreAdamW8bit with
+    optim.name=adamw8bit) with a projected group for those weights and a plain group for the rest. Otherwise
+    optim.name=adamw8bit: bitsandbytes AdamW8bit; adamw: torch AdamW.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("the model has no trainable parameters")
     kw = _adam_kwargs(optim_cfg)
-    if MethodName(method_cfg.name) == MethodName.galore:
-        targets = galore_target_params(model, method_cfg.target_modules)
-        _check_galore(targets, method_cfg)
+    targets = get_method(method_cfg.name).projected_params(model, method_cfg)
+    if targets:
         ids = {id(p) for p in targets}
         others = [p for p in params if id(p) not in ids]
         groups = ([{"params": others}] if others else []) + [_galore_group(targets, method_cfg)]
@@ -206,11 +185,7 @@ class LayerwiseOptimizer:
             raise UserError("the model has no trainable parameters")
         kw = _adam_kwargs(optim_cfg)
         self.base_lr = optim_cfg.lr
-        galore_ids = set()
-        if MethodName(method_cfg.name) == MethodName.galore:
-            targets = galore_target_params(model, method_cfg.target_modules)
-            _check_galore(targets, method_cfg)
-            galore_ids = {id(p) for p in targets}
+        galore_ids = {id(p) for p in get_method(method_cfg.name).projected_params(model, method_cfg)}
         eight_bit = OptimName(optim_cfg.name) == OptimName.adamw8bit
         bnb = _import_bnb() if eight_bit else None
         self.optimizers: List[torch.optim.Optimizer] = []

@@ -1,0 +1,86 @@
+"""What a training method is to sltrain: one object with its keys, its rules and its hooks.
+
+Every module of this package defines ``METHOD = SomeMethod()``; the defaults below are a dense method that changes
+nothing (method=full). A new method overrides what it needs:
+
+    keys            the ``method.*`` config fields it reads (besides name and warm_start); the others are marked
+                    "(unused by method=...)" in config.yaml and blanked in tables
+    check           its own ranges, as ConfigError("method.KEY", ...)
+    layer_rank      the rank its layers get (sparse: 0)
+    swap            the layer that replaces one target nn.Linear (None: the target stays dense)
+    projected_params  the weights whose Adam moments live in a projected space (GaLore)
+    schedule        an lr schedule of its own (ReLoRA's jagged cosine), else None
+    after_step      what happens after each optimizer step (ReLoRA's merge)
+    paper_params    how the paper's memory table counts its parameters (ReLoRA: full + low-rank model)
+    card_rows       its lines in an export's model card; describe: a short label for tables
+
+Capabilities are plain attributes: ``fsdp`` (trains under train.parallel=fsdp), ``dense_weights`` (its target
+layers stay plain nn.Linear: pruning studies start from such a run), ``builds_dense_weight`` (forms the
+(out, in) weight per layer in forward/backward: memory), ``low_rank_activations`` (keeps the r-wide activation of
+B A: memory). ``order`` places it in tables (dense baselines first).
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Tuple
+
+
+class Method:
+    name: str = ""
+    order: int = 100
+    keys: Tuple[str, ...] = ()
+    catalog_extras: Tuple[str, ...] = ()  # keys `sltrain list methods` shows beside rank / delta / alpha
+    fsdp: bool = True
+    projects_moments: bool = False  # Adam moments of projected_params live in a rank-r projection (GaLore)
+    dense_weights: bool = True  # its target layers stay nn.Linear (swap builds nothing): full, galore
+    builds_dense_weight: bool = False
+    low_rank_activations: bool = False
+
+    def uses(self, key: str) -> bool:
+        """Whether the method reads ``method.<key>``."""
+        return key in self.keys
+
+    @property
+    def has_support(self) -> bool:
+        """Its layers hold a sparse support (delta, support, support_seed...): support studies apply."""
+        return self.uses("delta")
+
+    def check(self, cfg) -> None:
+        """Method-specific ranges of a MethodConfig (the shared ones are checked by MethodConfig itself)."""
+
+    def layer_rank(self, cfg) -> int:
+        return cfg.rank if self.uses("rank") else 0
+
+    def swap(self, linear, path: str, cfg):
+        """The module replacing the target ``linear`` (at ``path``), or None to keep it dense."""
+        return None
+
+    def projected_params(self, model, cfg) -> list:
+        """Parameters whose optimizer moments are kept in a low-rank projection (GaLore); [] for plain Adam."""
+        return []
+
+    def schedule(self, cfg, total_steps: int, warmup: int, min_lr_ratio: float) -> Optional[Callable[[int], float]]:
+        """step -> lr factor, when the method has a schedule of its own; None: the run's optim.schedule."""
+        return None
+
+    def after_step(self, model, optimizer, cfg, step: int, total_steps: int, seed: int, device) -> None:
+        """Called after optimizer step ``step`` (0-based) has been applied."""
+
+    def paper_params(self, n_params: int, n_adapter: int, n_frozen: int, n_trainable: int) -> Tuple[int, int]:
+        """(total, trainable) parameters as the paper's memory table counts them."""
+        return n_params, n_trainable
+
+    def card_rows(self, cfg) -> List[tuple]:
+        """(label, value) lines of an export's model card after the method's name."""
+        return [("rank", cfg.rank)] if self.uses("rank") else []
+
+    def describe(self, cfg) -> str:
+        """A short label: 'lowrank r=64', 'full'."""
+        return f"{self.name} r={cfg.rank}" if self.uses("rank") else self.name
+
+
+def require_rank(method: Method, cfg) -> None:
+    """rank >= 1, for the methods whose layers or projections are rank-r."""
+    from ..errors import ConfigError
+
+    if cfg.rank < 1:
+        raise ConfigError("method.rank", f"must be >= 1 for method={method.name}, got {cfg.rank}")
