@@ -125,3 +125,16 @@ def summary_view(summary: dict) -> dict:
                  "memory GB, estimate (params + Adam states, bf16)": summary.get("est_mem_gb"),
                  "status": summary.get("status")})
     return view
+
+
+def memory_view(row: dict) -> dict:
+    """A narrow view of one memory_rows() row for the terminal (all fields stay in csv/json/md)."""
+    row = without_unused(row)
+    out = {"method": row["method"], "rank": row.get("rank"), "delta": row.get("delta"),
+           "params M": round(row["params_total"] / 1e6, 2), "trainable M": round(row["params_trainable"] / 1e6, 2),
+           "param GB": row["param_mem_gb"], "optim GB": row["optimizer_mem_gb"], "paper GB": row["total_mem_gb"],
+           "grads GB": row.get("full_grad_mem_gb"), "activ GB": row.get("activation_mem_gb"),
+           "ours GB": row.get("full_total_gb")}
+    if "measured_gb" in row:
+        out.update({"measured GB": row["measured_gb"], "measured/ours": row.get("ratio")})
+    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}

@@ -132,9 +132,12 @@ def pretrain(overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDE
 
 def _pretrain(overrides: List[str], print_config: bool, quiet: bool, stop) -> None:
     from .catalog import summary_view, without_unused
-    from .compose import load_config, to_yaml
-    from .results import print_record, summary_row, upsert_row
+    from .compose import load_config
+    from .config_io import to_yaml
+    from .progress import TrainProgress
+    from .results import plot_run, print_record, upsert_row
     from .signals import survive_closed_stdout
+    from .summary import summary_row
     from .train import train
 
     cfg = load_config(overrides)
@@ -143,11 +146,13 @@ def _pretrain(overrides: List[str], print_config: bool, quiet: bool, stop) -> No
         return
     run_dir = run_dir_for("pretrain", cfg, overrides)
     survive_closed_stdout()
-    summary = train(cfg, run_dir, overrides, progress=not quiet, stop=stop)
+    summary = train(cfg, run_dir, overrides, progress=None if quiet else TrainProgress, stop=stop)
     if not _is_main():
         raise typer.Exit(_exit_code(summary))
     if summary.get("command"):  # a completed run skipped as already done still gets (or keeps) its row
         upsert_row(run_dir.parent / "results.csv", without_unused(summary_row(summary)))
+    if not summary.get("skipped"):
+        plot_run(run_dir, summary)
     print_record(summary_view(summary), title=f"pretrain -> {run_dir}")
     status = summary["status"]
     if status == "completed" and summary.get("val_ppl") is not None:
@@ -264,7 +269,8 @@ def memory_estimate(size: str = typer.Option("60m", "--size", help="60m, 130m, 3
                     rank: Optional[int] = typer.Option(None, "--rank", help="Default: the paper's recipe for "
                                                                             "the size."),
                     delta: Optional[float] = typer.Option(None, "--delta", help="Default: the paper's recipe."),
-                    optimizer: str = typer.Option("adam", "--optimizer", help="adam | adam8bit"),
+                    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adamw8bit (the optim= "
+                                                                            "options)"),
                     layerwise: bool = typer.Option(False, "--layerwise", help="Per-parameter updates: no full "
                                                                               "gradients."),
                     index_dtype: str = typer.Option("int64", "--index-dtype", help="int64 (paper) | int32"),
@@ -287,6 +293,7 @@ def memory_estimate(size: str = typer.Option("60m", "--size", help="60m, 130m, 3
 
     {groups:model}
     """
+    from .catalog import memory_view
     from .files import atomic_write
     from .memory import memory_rows
     from .results import markdown, print_table, to_frame
@@ -307,25 +314,10 @@ def memory_estimate(size: str = typer.Option("60m", "--size", help="60m, 130m, 3
     elif fmt == Fmt.md:
         typer.echo(markdown(df))
     else:
-        print_table([_memory_display(r) for r in rows],
+        print_table([memory_view(r) for r in rows],
                     title=f"LLaMA {size}: paper convention (bf16 params + Adam moments, int64 indices) | "
                           f"ours: + gradients, {optimizer}{', layer-wise' if layerwise else ''}, activations "
                           f"(batch {batch_size} x {seq_len})")
-
-
-def _memory_display(row: dict) -> dict:
-    """A narrow view of one memory_rows() row for the terminal (all fields stay in csv/json/md)."""
-    from .catalog import without_unused
-
-    row = without_unused(row)
-    out = {"method": row["method"], "rank": row.get("rank"), "delta": row.get("delta"),
-           "params M": round(row["params_total"] / 1e6, 2), "trainable M": round(row["params_trainable"] / 1e6, 2),
-           "param GB": row["param_mem_gb"], "optim GB": row["optimizer_mem_gb"], "paper GB": row["total_mem_gb"],
-           "grads GB": row.get("full_grad_mem_gb"), "activ GB": row.get("activation_mem_gb"),
-           "ours GB": row.get("full_total_gb")}
-    if "measured_gb" in row:
-        out.update({"measured GB": row["measured_gb"], "measured/ours": row.get("ratio")})
-    return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
 
 
 RUN_HELP = ("A run folder (its latest checkpoint), a checkpoint file (RUN_DIR/checkpoints/step_NNNNNN.pt) "

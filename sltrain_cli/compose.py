@@ -10,15 +10,12 @@ key or a wrongly typed value fails here) and instantiate the dataclasses (ranges
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import os
 import re
-import typing
-from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -27,7 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .configs import ConfigError, RunConfig
-from .methods import get_method
 
 ALIASES = {
     "rank": "method.rank",
@@ -39,14 +35,6 @@ ALIASES = {
 }
 GROUPS = ("model", "method", "data", "optim", "train", "experiment")
 RECIPES_KEY = "method_recipes"  # experiment presets: {method name: {dotted key: value}}
-
-def unused_method_keys(method_cfg) -> List[str]:
-    """The MethodConfig fields ``method_cfg.name`` does not read (``Method.keys``), e.g. ['rank', 'delta', ...]
-    for full; --print-config and config.yaml mark them "(unused by method=...)"."""
-    method = get_method(method_cfg.name)
-    return [f.name for f in dataclasses.fields(method_cfg)
-            if f.name not in ("name", "warm_start") and not method.uses(f.name)]
-
 
 def conf_dir() -> Path:
     """$SLTRAIN_CONF_DIR if set; else the conf/ shipped inside the installed package (sltrain_cli/conf, mapped
@@ -239,78 +227,7 @@ def load_config(overrides: Sequence[str] = ()) -> RunConfig:
     return to_run_config(compose_dict(overrides))
 
 
-def to_yaml(cfg: RunConfig) -> str:
-    """The resolved config as YAML (enums by value), as saved in every run folder and printed by
-    ``sltrain pretrain --print-config``: each section under its dataclass docstring and each key under its
-    help (``field_help``), as ``#`` comments. The comments sit on the line above, so that a key's
-    line is only ``key: value`` (line diffs of two runs' configs stay clean); they change nothing it loads to."""
-    from dataclasses import fields, is_dataclass
-    from enum import Enum
-    from textwrap import wrap
-
-
-    def plain(value):  # enums by value (bf16-mixed, as users write it; loading accepts either spelling)
-        if isinstance(value, Enum):
-            return value.value
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [plain(v) for v in value]
-        return value
-
-    def comment(text: str, indent: str) -> List[str]:
-        return [f"{indent}# {line}" for line in wrap(" ".join(text.split()), max(40, 108 - len(indent)))]
-
-    unused = set(unused_method_keys(cfg.method))
-    method = cfg.method.name.value
-
-    def emit(obj, data: dict, indent: str, out: List[str]) -> None:
-        after_section = False
-        for f in fields(obj):
-            value = getattr(obj, f.name)
-            if is_dataclass(value):
-                doc = field_help(obj, f.name) or type(value).__doc__ or ""
-                out += ["", *comment(doc, indent), f"{indent}{f.name}:"]
-                emit(value, data[f.name], indent + "  ", out)
-                after_section = True
-                continue
-            if after_section:
-                out.append("")
-            after_section = False
-            text = field_help(obj, f.name)
-            if obj is cfg.method and f.name in unused:  # kept, so that the file loads back to the same config
-                text = f"(unused by method={method}) {text}"
-            out += comment(text, indent)
-            text = OmegaConf.to_yaml({f.name: data[f.name]})
-            out += [indent + line if line else line for line in text.rstrip("\n").split("\n")]
-
-    lines = comment(type(cfg).__doc__ or "", "")
-    emit(cfg, plain(OmegaConf.to_container(OmegaConf.structured(cfg))), "", lines)
-    return "\n".join(lines) + "\n"
-
-
-def to_container(cfg: RunConfig) -> dict:
-    """Plain dict (enums as strings), safe for torch.save(weights_only) and JSON."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
-
-
-def from_container(data: dict) -> RunConfig:
-    """Inverse of to_container (a config stored in a checkpoint)."""
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), data))
-    except OmegaConfBaseException as err:
-        raise ConfigError(getattr(err, "full_key", None) or "config", str(err).splitlines()[0]) from None
-
-
 NOT_IN_RUN_NAME = ("out_dir", "run_name", "timestamp", "train.resume", "train.overwrite")  # where / how, not what
-
-
-def read_config_file(path: Path | str) -> dict:
-    """A run folder's config.yaml as a plain container (like ``to_container``); ConfigError if unreadable."""
-    try:
-        return to_container(from_container(OmegaConf.to_container(OmegaConf.load(str(path)))))
-    except (OSError, OmegaConfBaseException, ValueError) as err:
-        raise ConfigError("config.yaml", f"cannot read {path}: {str(err).splitlines()[0]}") from None
 
 
 def run_name(overrides: Sequence[str]) -> str:
@@ -327,30 +244,6 @@ def run_name(overrides: Sequence[str]) -> str:
     name = ",".join(sorted(shown, key=lambda p: split_override(p)[0]))
     name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", name)
     return name if len(name) <= 120 else name[:100] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
-
-
-# Keys that may change when a run is resumed: how often it logs, evaluates and saves, where and how fast it
-# runs. Anything else changes the numbers, so a resume with another value is refused.
-# (train.compile too: it fuses the same ops, so only rounding moves, as with train.num_threads.)
-RESUME_FREE_KEYS = ("train.log_every", "train.eval_every", "train.save_every", "train.eval_tokens",
-                    "train.num_threads", "train.device", "train.keep_checkpoints", "train.resume", "train.overwrite",
-                    "train.loggers", "train.peak_flops", "train.compile", "tokenizer.cache_dir", "out_dir", "run_name",
-                    "timestamp", "method_recipes")
-
-
-def flatten(data, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1} (empty dicts stay as values)."""
-    if isinstance(data, dict) and data:
-        return {k: v for key, value in data.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: data}
-
-
-def config_changes(stored: dict, current: dict, free: Sequence[str] = RESUME_FREE_KEYS) -> List[tuple]:
-    """[(dotted key, stored value, current value)] for every key two configs (plain containers, see
-    ``to_container``) disagree on, outside ``free`` and their sub-keys."""
-    a, b = flatten(stored), flatten(current)
-    keep = [k for k in sorted(set(a) | set(b)) if not any(k == f or k.startswith(f + ".") for f in free)]
-    return [(k, a.get(k), b.get(k)) for k in keep if a.get(k) != b.get(k)]
 
 
 # ------------------------------------------------------------------------------ override strings
@@ -390,49 +283,3 @@ def find_override(overrides: Sequence[str], key: str) -> Optional[str]:
     return found
 
 
-# ------------------------------------------------------------------------------ field help
-def _config_class(cls_or_instance) -> type:
-    cls = cls_or_instance if isinstance(cls_or_instance, type) else type(cls_or_instance)
-    if not dataclasses.is_dataclass(cls):
-        raise TypeError(f"not a config dataclass: {cls!r}")
-    return cls
-
-
-def _field_types(cls: type) -> Dict[str, Any]:
-    return typing.get_type_hints(cls)  # resolves the string annotations of ``from __future__ import annotations``
-
-
-def _enum_of(hint) -> Optional[type]:
-    for t in (hint, *typing.get_args(hint)):  # Optional[E] too
-        if isinstance(t, type) and issubclass(t, Enum):
-            return t
-    return None
-
-
-def field_help(cls_or_instance, name: str) -> str:
-    """The help of one field: ``field_help(RunConfig, "method.rank")`` or ``field_help(cfg.method, "rank")``.
-    An Enum field's help ends with its allowed values; a nested config's help is its docstring."""
-    cls = _config_class(cls_or_instance)
-    head, _, rest = name.partition(".")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if head not in fields:
-        raise KeyError(f"{cls.__name__} has no field {head!r}")
-    hint = _field_types(cls)[head]
-    if rest:
-        return field_help(hint, rest)
-    text = " ".join(str(fields[head].metadata.get("help", "")).split())
-    enum_cls = _enum_of(hint)
-    if enum_cls is not None:
-        text += f" ({' | '.join(m.value for m in enum_cls)})"
-    return text
-
-
-def iter_help(cls_or_instance=None, prefix: str = ""):
-    """(dotted key, help) for every settable key, nested configs flattened: ('method.rank', 'r of B ...')."""
-    cls = _config_class(RunConfig if cls_or_instance is None else cls_or_instance)
-    types = _field_types(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(types[f.name]):
-            yield from iter_help(types[f.name], f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", field_help(cls, f.name)

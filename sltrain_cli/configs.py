@@ -103,6 +103,14 @@ class OptimName(str, Enum):
     adamw8bit = "adamw8bit"  # bitsandbytes 8-bit AdamW (optional extra)
 
 
+OPTIM_ALIASES = {"adam": OptimName.adamw, "adam8bit": OptimName.adamw8bit}  # memory-estimate's first spelling
+
+
+def optim_name(value, key: str = "--optimizer") -> OptimName:
+    """adamw | adamw8bit (adam / adam8bit, the old memory-estimate spelling, mean the same) -> OptimName."""
+    return OPTIM_ALIASES.get(getattr(value, "value", value)) or _enum(value, OptimName, key)
+
+
 @_accept_values
 class Schedule(str, Enum):
     cosine = "cosine"  # linear warmup then cosine to min_lr_ratio * lr

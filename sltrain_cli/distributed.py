@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 
 from .configs import UserError
-from .results import TrainProgress
 
 
 @dataclass
@@ -162,6 +161,23 @@ def mean_across_ranks(value: torch.Tensor, rt: Runtime) -> float:
     return float(value)
 
 
-def progress_bar(rt: Runtime, enabled: bool, total: int, completed: int) -> TrainProgress:
-    return TrainProgress(total, completed, enabled=enabled and rt.is_main)
+class NoProgress:
+    """The progress display of a run nobody watches (another rank, --quiet, the Python API): does nothing."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def update(self, completed: int, **stats) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+
+def progress_bar(rt: Runtime, factory, total: int, completed: int):
+    """``factory(total, completed)`` (the CLI passes progress.TrainProgress) on rank 0, else NoProgress."""
+    return factory(total, completed) if factory is not None and rt.is_main else NoProgress()
 

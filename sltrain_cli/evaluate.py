@@ -14,7 +14,6 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 
 @torch.no_grad()
@@ -22,7 +21,8 @@ def evaluate_ppl(model: torch.nn.Module, batches: Iterable[Tuple[torch.Tensor, t
                  device: torch.device | str = "cpu",
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                  stop: Optional[Callable[[], bool]] = None) -> Optional[dict]:
-    """Sum the loss over every non-pad target token of ``batches`` (all ranks when distributed).
+    """Sum the loss over every non-pad target token of ``batches`` (all ranks when distributed), computed by the
+    model's own chunked loss (the one training minimises).
 
     Returns {"loss": mean loss per token, "ppl": exp(loss), "tokens": number of target tokens}, or None when
     ``stop()`` turned true before the last batch (an interrupted run abandons its evaluation).
@@ -35,13 +35,12 @@ def evaluate_ppl(model: torch.nn.Module, batches: Iterable[Tuple[torch.Tensor, t
             model.train(was_training)
             return None
         input_ids, labels = input_ids.to(device), labels.to(device)
-        with autocast():
-            logits = model(input_ids).logits
-        target = labels[:, 1:].reshape(-1)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), target,
-                               ignore_index=-100, reduction="sum")
-        total[0] += loss.double()
-        total[1] += (target != -100).sum()
+        count = (labels[:, 1:] != -100).sum()
+        with autocast():  # the training loss itself: chunked over the vocabulary, never the (tokens, V) logits
+            mean = model(input_ids, labels=labels).loss
+        if count:
+            total[0] += mean.double() * count
+            total[1] += count
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
     model.train(was_training)

@@ -187,7 +187,7 @@ def _fmt(x, spec: str = ",") -> str:
 
 def model_card(run: LoadedRun, state: dict, dtype: str, tokenizer_note: Optional[str], out: Path) -> str:
     """README.md of an export: method, sizes, tokens, validation perplexity and the resolved config."""
-    from .compose import to_yaml
+    from .config_io import to_yaml
     from .core.convert import count_parameters
 
     cfg, method = run.cfg, run.cfg.method

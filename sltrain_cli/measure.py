@@ -65,7 +65,7 @@ def measure_device(device: Optional[str]) -> str:
     return str(dev)
 
 
-def measure_memory(model_cfg: ModelConfig, method_cfg: MethodConfig, *, optimizer: str = "adam",
+def measure_memory(model_cfg: ModelConfig, method_cfg: MethodConfig, *, optimizer: str = "adamw",
                    layerwise: bool = False, batch_size: int = 1, seq_len: Optional[int] = None, steps: int = 3,
                    device: str = "cpu", precision: str = "bf16-pure", activation_checkpointing: bool = False,
                    seed: int = 0) -> dict:
@@ -80,21 +80,20 @@ def measure_memory(model_cfg: ModelConfig, method_cfg: MethodConfig, *, optimize
     """
     import torch
 
-    from .configs import OptimConfig
+    from .configs import OptimConfig, optim_name
     from .core.convert import apply_method
     from .core.model import LlamaForCausalLM
     from .core.optim import LayerwiseOptimizer, build_optimizer
 
     if precision not in ("bf16-pure", "fp32"):
         raise UserError(f"--precision: must be bf16-pure or fp32, got {precision!r}")
-    if optimizer not in ("adam", "adam8bit"):
-        raise UserError(f"--optimizer: must be adam or adam8bit, got {optimizer!r}")
+
     seq_len = int(seq_len or min(256, model_cfg.max_seq_len))
     if not 2 <= seq_len <= model_cfg.max_seq_len:
         raise UserError(f"--seq-len: must be in [2, model.max_seq_len={model_cfg.max_seq_len}], got {seq_len}")
     dev = torch.device(measure_device(device))
     dtype = torch.bfloat16 if precision == "bf16-pure" else torch.float32
-    optim_cfg = OptimConfig(name="adamw8bit" if optimizer == "adam8bit" else "adamw", grad_clip=0.0)
+    optim_cfg = OptimConfig(name=optim_name(optimizer), grad_clip=0.0)
     marker = "sltrain.measure_memory.steps"
 
     def run() -> None:

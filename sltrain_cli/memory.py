@@ -27,11 +27,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from .configs import TARGET_MODULES, ConfigError, MethodConfig, MethodName, ModelConfig, UserError
+from .configs import (
+    TARGET_MODULES,
+    ConfigError,
+    MethodConfig,
+    MethodName,
+    ModelConfig,
+    OptimName,
+    UserError,
+    optim_name,
+)
 from .core.convert import method_rank_limit
 from .core.model import LOSS_CHUNK_LOGITS, LOSS_CHUNK_MIN
 from .core.optim import BNB_BLOCKSIZE, BNB_MIN_8BIT_SIZE
@@ -87,28 +95,6 @@ def _paper_recipe(short: str) -> Optional[Dict[str, float]]:
 
     found = _preset(str(conf_dir()), short)  # keyed by the conf/ folder: SLTRAIN_CONF_DIR may change
     return found and {"rank": found[0], "delta": found[1]}
-
-
-class _PaperRecipes(Mapping):
-    """size ('60m') -> {'rank', 'delta'} of conf/experiment/paper_<size>.yaml, read on demand (no table here)."""
-
-    def __getitem__(self, size: str) -> Dict[str, float]:
-        found = _paper_recipe(_short(str(size)))
-        if found is None:
-            raise KeyError(size)
-        return dict(found)
-
-    def __iter__(self):
-        from .compose import group_options
-
-        names = group_options("experiment")
-        return iter(sorted((n[len("paper_"):] for n in names if n.startswith("paper_")), key=_size_order))
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
-PAPER_RECIPE = _PaperRecipes()  # what the paper presets hold, e.g. PAPER_RECIPE["7b"] == {"rank": 1024, "delta": 0.05}
 
 
 def default_recipe(model_cfg: ModelConfig) -> Dict[str, float]:
@@ -263,11 +249,11 @@ def _step_temp_bytes(trainable, method: str, optimizer: str, layerwise: bool, de
                 o, i = t.galore_shape
                 k, n = min(o, i), rank * max(o, i)
                 svd = 4 * (2 * o * i + o * k + k * i)
-                update = a * (2 * n + o * i) + (24 * n if optimizer == "adam8bit" and device == "cpu" else 0)
+                update = a * (2 * n + o * i) + (24 * n if optimizer == OptimName.adamw8bit and device == "cpu" else 0)
                 return max(svd, update)
-            return 2 * a * t.numel if optimizer == "adam" else (24 * t.numel if device == "cpu" else 0)
+            return 2 * a * t.numel if optimizer == OptimName.adamw else (24 * t.numel if device == "cpu" else 0)
         return max(one(t) for t in trainable)
-    if optimizer == "adam8bit":
+    if optimizer == OptimName.adamw8bit:
         return 24 * largest if device == "cpu" else 0
     if device == "cpu":
         return 2 * a * largest
@@ -276,16 +262,16 @@ def _step_temp_bytes(trainable, method: str, optimizer: str, layerwise: bool, de
 
 def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = None,
                     delta: Optional[float] = None, *, vocab_size: Optional[int] = None,
-                    optimizer: str = "adam", layerwise: bool = False, index_dtype: str = "int64",
+                    optimizer: str = "adamw", layerwise: bool = False, index_dtype: str = "int64",
                     batch_size: int = 1, seq_len: int = 256, activation_checkpointing: bool = False,
                     param_bytes: int = 2, device: str = "cuda", target_modules=None) -> dict:
     """Analytic memory of training ``model_cfg`` with ``method``; see the module docstring.
 
     ``param_bytes``: 2 = bf16-pure (the paper), 4 = fp32. Parameters, gradients, torch-Adam moments,
     GaLore projections and activations use it. ``optimizer``: 'adam' (torch AdamW: moments in the
-    parameter dtype) or 'adam8bit' (bitsandbytes AdamW8bit layout). ``layerwise``: the optimizer steps
+    parameter dtype) or 'adamw8bit' (bitsandbytes AdamW8bit layout). ``layerwise``: the optimizer steps
     each parameter inside backward, so gradients are never all alive; we count the largest single
-    trainable parameter's gradient. GaLore under adam8bit quantizes its projected moments the same way.
+    trainable parameter's gradient. GaLore under adamw8bit quantizes its projected moments the same way.
     ``device``: 'cuda' (the paper's setting) or 'cpu' -- which optimizer-step and SLTrain-layer
     temporaries torch / bitsandbytes create there, and the kernel ``auto`` picks per SLTrain layer (a factored one
     keeps its CSR structure: ``kernel_cache_mem_gb``). ``full_total_gb`` is parameters + optimizer state + that +
@@ -306,8 +292,7 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
     m = get_method(method)
     rank = rank if m.uses("rank") or not m.has_support else 0  # a support without a low-rank part: rank 0
     _check_method(model_cfg, method, rank, delta)
-    if optimizer not in ("adam", "adam8bit"):
-        raise UserError(f"--optimizer: must be adam or adam8bit, got {optimizer!r}")
+    optimizer = optim_name(optimizer)
     if index_dtype not in ("int64", "int32"):
         raise UserError(f"--index-dtype: must be int64 or int32, got {index_dtype!r}")
     device = "cpu" if str(device).startswith("cpu") else "cuda"
@@ -345,7 +330,7 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
             full_opt_b += param_bytes * rank * min(t.galore_shape)  # the projection, in the weight dtype
         else:
             state_numel = t.numel
-        if optimizer == "adam":
+        if optimizer == OptimName.adamw:
             full_opt_b += 2 * param_bytes * state_numel + (0 if m.projects_moments else 4)
         else:
             full_opt_b += _adam8bit_bytes(state_numel)
@@ -408,7 +393,7 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
 
 # ---------------------------------------------------------------------------------------------- the CLI
 def memory_rows(size: str, method: str = "all", rank: Optional[int] = None, delta: Optional[float] = None,
-                optimizer: str = "adam", layerwise: bool = False, index_dtype: str = "int64",
+                optimizer: str = "adamw", layerwise: bool = False, index_dtype: str = "int64",
                 batch_size: int = 1, seq_len: int = 256, activation_checkpointing: bool = False,
                 measure: bool = False, device: Optional[str] = None) -> List[dict]:
     """One estimate row per method (``method='all'``: every method, in display order).

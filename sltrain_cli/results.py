@@ -7,84 +7,20 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypedDict
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .compose import RESUME_FREE_KEYS, flatten, read_config_file
+from .config_io import RESUME_FREE_KEYS, flatten, read_config_file
 from .configs import ConfigError
 from .files import atomic_write, locked
+from .summary import summary_row
 
-
-class RunSummary(TypedDict, total=False):
-    """summary.json of a pretrain run (train() returns it; cli, sweep and the tables read it)."""
-
-    command: str  # "pretrain"
-    run: str  # the run folder's name
-    run_dir: str
-    model: str
-    method: str
-    rank: int
-    delta: float
-    params_total: int
-    params_trainable: int
-    params_lowrank: int
-    params_sparse: int
-    index_entries: int
-    vocab_size: int
-    unigram_ppl: float  # add-one unigram baseline of the corpus
-    world_size: int
-    device: str
-    precision: str
-    est_mem_gb: Optional[float]  # paper-convention estimate (parameters + Adam state, bf16)
-    tokens: int
-    steps: int
-    val_loss: Optional[float]
-    val_ppl: Optional[float]
-    val_tokens: Optional[int]
-    tokens_per_s: Optional[float]
-    train_time_s: float
-    peak_mem_bytes: int
-    peak_mem_kind: str  # cuda_max_memory_allocated | cpu_peak_rss
-    optimizer_state_bytes: int
-    kernels: Dict[str, str]  # SparseLowRankLinear kernel per layer shape ("in->out": compose | factored)
-    # software and hardware (tracking.run_metadata)
-    sltrain_version: Optional[str]
-    git_commit: Optional[str]  # -dirty when the checkout had uncommitted changes
-    python: str
-    torch: str
-    cuda: Optional[str]
-    bitsandbytes: Optional[str]
-    transformers: Optional[str]
-    device_name: str
-    device_count: int
-    hostname: str
-    pid: int  # of the process that trained (rank 0)
-    argv: List[str]
-    start_time: str
-    end_time: str
-    flops_per_token: int  # 6 N + attention
-    peak_flops: Optional[float]  # the device's dense bf16 peak (CUDA) or train.peak_flops
-    mfu: float  # tokens_per_s * flops_per_token / (peak_flops * world_size), when peak_flops is known
-    status: str  # completed | failed | interrupted | diverged
-    exit_code: int  # interrupted: 128 + signal number; diverged: 3
-    signal: str  # interrupted: SIGINT | SIGTERM | SIGUSR1
-    diverged_step: int
-    last_checkpoint: Optional[str]
-    skipped: bool  # train() found this run already completed and did not train it again
-
-
-SUMMARY_ROW_KEYS = ("model", "method", "rank", "delta", "params_total", "params_trainable", "tokens", "val_ppl",
-                    "tokens_per_s", "peak_mem_bytes", "est_mem_gb", "status")
-
-
-def summary_row(summary: RunSummary) -> dict:
-    """The row of results.csv for one run."""
-    return {"run": summary.get("run"), **{k: summary.get(k) for k in SUMMARY_ROW_KEYS}}
 
 def _fmt(value) -> str:
     if isinstance(value, float):
@@ -205,6 +141,15 @@ def read_metrics(path: Path | str) -> Tuple[List[dict], List[dict]]:
     path = Path(path)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     return [r for r in rows if r.get("loss") is not None], [r for r in rows if r.get("val_ppl") is not None]
+
+
+def plot_run(run_dir: Path, summary: Mapping) -> None:
+    """RUN_DIR/loss.png: the run's training loss and validation perplexity (a full disk skips it with one line)."""
+    try:
+        plot_run_curves({run_dir.name: run_dir}, run_dir / "loss.png",
+                        title=f"{run_dir.name} ({summary.get('method')}, {summary['status']})")
+    except OSError as err:
+        print(f"loss.png not written: {err.strerror}", file=sys.stderr, flush=True)
 
 
 def plot_run_curves(runs: Dict[str, Path], path: Path | str, title: str = "") -> Path:
@@ -328,40 +273,3 @@ def compare_runs(paths: Sequence[Path | str], out: Optional[Path] = None, key: O
     plot_run_curves({f"{i + 1}: {s.get('method')}": r for i, (r, s) in enumerate(zip(runs, summaries))}, out,
                     title="validation perplexity (dashed) and training loss (solid)")
     return rows, out
-
-
-class TrainProgress:
-    """A rich progress bar for the training loop (loss, ppl, lr, tokens/s); silent when disabled."""
-
-    def __init__(self, total: int, completed: int = 0, enabled: bool = True, description: str = "train"):
-        self.enabled = enabled
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("{task.fields[stats]}"), TimeRemainingColumn())
-        self._task = self._progress.add_task(description, total=total, completed=completed, stats="")
-
-    def __enter__(self):
-        if self.enabled:
-            self._progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self._progress.__exit__(*exc)
-
-    def update(self, completed: int, loss: Optional[float] = None, lr: Optional[float] = None,
-               tps: Optional[float] = None) -> None:
-        if not self.enabled:
-            return
-        fields = {}
-        if loss is not None:
-            ppl = math.exp(min(loss, 50.0))
-            fields["stats"] = f"loss {loss:.3f}  ppl {ppl:,.1f}  lr {lr:.2e}  {tps:,.0f} tok/s"
-        self._progress.update(self._task, completed=completed, **fields)
-
-    def note(self, text: str) -> None:
-        if self.enabled:
-            self._progress.console.print(text)

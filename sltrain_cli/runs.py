@@ -33,12 +33,12 @@ from .checkpoint import (
     run_dir_of,
     stored_config,
 )
-from .compose import config_changes, from_container, read_config_file, to_container
+from .config_io import config_changes, from_container, read_config_file, to_container
 from .configs import ConfigError, ModelConfig, Precision, RunConfig, UserError
 from .core.convert import apply_method
 from .core.model import LlamaForCausalLM
 from .files import FolderInUse, RunLock, read_summary, remove_stale_temps
-from .results import RunSummary
+from .summary import RunSummary
 from .tokenizer import Tokenizer, load_tokenizer
 
 

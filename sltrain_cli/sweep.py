@@ -48,7 +48,8 @@ from .compose import (
 )
 from .configs import ConfigError
 from .files import read_overrides, read_summary, write_json
-from .results import RunSummary, frame, make_console
+from .results import frame, make_console
+from .summary import RunSummary
 
 # Keys a sweep sets itself for every trial.
 RESERVED = ("run_name", "timestamp", "train.resume", "train.overwrite")

@@ -31,7 +31,7 @@ from . import data as data_lib
 from . import distributed
 from .checkpoint import load_training_state, prune_checkpoints, save_training_state
 from .collapse import CollapseWatch
-from .compose import to_container, to_yaml
+from .config_io import to_container, to_yaml
 from .configs import ModelConfig, Parallel, RunConfig, UserError
 from .core.convert import check_method_fits, count_parameters
 from .core.optim import (
@@ -52,7 +52,6 @@ from .files import (
     write_overrides,
 )
 from .methods import get_method
-from .results import RunSummary, plot_run_curves
 from .runs import (
     autocast_for,
     build_model,
@@ -63,6 +62,7 @@ from .runs import (
     open_run_dir,
 )
 from .signals import Interrupted, StopSignal
+from .summary import RunSummary
 from .tokenizer import build_tokenizer
 from .tracking import Trackers, flops_per_token, memory_now, peak_flops, run_metadata
 
@@ -156,14 +156,15 @@ class _Metrics:
 
 
 # ----------------------------------------------------------------------------------------- train
-def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress: bool = True,
+def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress=None,
           stop: Optional[StopSignal] = None) -> RunSummary:
     """Train one model as ``cfg`` says, writing everything into ``run_dir``; return the summary.
 
     ``summary["status"]`` is completed, interrupted (``summary["exit_code"]`` 130 / 143 / 138 by signal),
     diverged (exit code 3) or failed; an identical run that already completed in ``run_dir`` is not trained
-    again (its summary comes back with ``skipped`` true). ``stop``: signal handlers the caller installed before
-    its own work (the CLI does); else this call installs its own for its duration.
+    again (its summary comes back with ``skipped`` true). ``progress``: a display factory ``(total, completed) ->
+    bar`` (the CLI passes progress.TrainProgress), None for none. ``stop``: signal handlers the caller installed
+    before its own work (the CLI does); else this call installs its own for its duration.
     """
     if stop is None:
         with StopSignal() as own:
@@ -279,7 +280,7 @@ SEGMENT_KEYS = ("start_time", "end_time", "argv", "pid", "hostname", "resumed_fr
 
 
 def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_from: Optional[Path],
-              warm_start: Optional[Path], tokenizer, train_stream, val_set, progress: bool,
+              warm_start: Optional[Path], tokenizer, train_stream, val_set, progress,
               stop: StopSignal) -> RunSummary:
     """The loop proper, in a locked run folder."""
     tcfg, mcfg, device, method = cfg.train, cfg.method, rt.device, get_method(cfg.method.name)
@@ -342,7 +343,7 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
     done, status, val, last_eval, reason = start_step, "failed", None, None, None
     # one process abandons an evaluation at a signal; ranks of a group finish it (its forwards are collective)
     eval_stop = (lambda: stop.requested) if rt.world_size == 1 else None
-    bar = distributed.progress_bar(rt, enabled=progress, total=tcfg.steps, completed=start_step)
+    bar = distributed.progress_bar(rt, progress, total=tcfg.steps, completed=start_step)
     stop.defer()  # from here a signal stops the loop at the next step boundary, which saves first
     try:
         with bar:
@@ -432,8 +433,6 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
         if rt.is_main:
             try:
                 _write_summary(run_dir, summary)
-                plot_run_curves({run_dir.name: run_dir}, run_dir / "loss.png",
-                                title=f"{run_dir.name} ({mcfg.name.value}, {status})")
             except OSError as err:  # a full disk must not hide the run's real outcome
-                print(f"summary.json / loss.png not written: {err.strerror}", flush=True)
+                print(f"summary.json not written: {err.strerror}", flush=True)
     return summary

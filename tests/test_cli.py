@@ -16,16 +16,8 @@ from typer.testing import CliRunner
 
 from sltrain_cli.catalog import description, group_rows, summary_view, without_unused
 from sltrain_cli.cli import app
-from sltrain_cli.compose import (
-    GROUPS,
-    from_container,
-    group_options,
-    load_config,
-    read_config_file,
-    to_container,
-    to_yaml,
-    unused_method_keys,
-)
+from sltrain_cli.compose import GROUPS, group_options, load_config
+from sltrain_cli.config_io import from_container, read_config_file, to_container, to_yaml, unused_method_keys
 from sltrain_cli.configs import MethodConfig
 from sltrain_cli.methods import get_method, method_names
 

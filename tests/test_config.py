@@ -10,19 +10,11 @@ from typer.testing import CliRunner
 
 from sltrain_cli import configs
 from sltrain_cli.cli import app
-from sltrain_cli.compose import (
-    expand_aliases,
-    expand_grid,
-    field_help,
-    from_container,
-    group_options,
-    iter_help,
-    load_config,
-    run_name,
-    to_container,
-    to_yaml,
-)
+from sltrain_cli.compose import expand_aliases, expand_grid, group_options, load_config, run_name
+from sltrain_cli.config_io import field_help, from_container, to_container, to_yaml
 from sltrain_cli.configs import ConfigError, MethodName, Precision, RunConfig
+
+from helpers import iter_help  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -148,3 +140,34 @@ def test_core_imports_no_cli_frameworks():
             "bad = [m for m in ('typer', 'hydra', 'omegaconf', 'rich', 'pandas', 'datasets') if m in sys.modules]\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("overrides", [[], *([f"experiment={e}"] for e in group_options("experiment")),
+                                       *([f"method={m}"] for m in group_options("method")),
+                                       ["train.precision=bf16-mixed", "data=local", "data.path=a.txt", "lr=1e-3",
+                                        "run_name=première", "train.loggers=[jsonl,tensorboard]"]])
+def test_the_runtime_config_io_agrees_with_omegaconf(overrides):
+    """config_io stores and reloads configs without OmegaConf; OmegaConf (what it replaced) is the reference."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from sltrain_cli.config_io import _dump, from_container, to_container
+
+    cfg = load_config(overrides)
+    reference = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    assert to_container(cfg) == reference
+    assert from_container(reference) == OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig),
+                                                                            reference)) == cfg
+    for section, values in reference.items():
+        assert _dump({section: values}) == OmegaConf.to_yaml({section: values})
+    assert from_container(yaml.safe_load(to_yaml(cfg))) == cfg
+
+
+@pytest.mark.parametrize("data, key", [({"train": {"stepz": 3}}, "train.stepz"), ({"train": {"steps": "many"}},
+                                                                                   "train.steps"),
+                                       ({"method": {"name": "lora"}}, "method.name"), ({"seed": [1]}, "seed")])
+def test_a_stored_config_with_a_bad_key_or_value_names_it(data, key):
+    from sltrain_cli.config_io import from_container
+
+    with pytest.raises(ConfigError, match=f"^{key}: "):
+        from_container(data)

@@ -269,7 +269,9 @@ def test_sigterm_at_the_edges_of_a_run_is_one_line_and_resumes(ref, monkeypatch,
         elif moment == "writing summary":  # the final evaluation is done, summary.json not yet written
             _kill_self_in(m, train_mod.Trackers, "close")
         else:
-            _kill_self_in(m, train_mod, "plot_run_curves")
+            import sltrain_cli.results as results
+
+            _kill_self_in(m, results, "plot_run_curves")  # drawn by the CLI once summary.json is written
         result = _pretrain(out, name)
     run_dir = out / "pretrain" / name
     assert result.exit_code == 143, result.output

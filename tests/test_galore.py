@@ -305,5 +305,5 @@ def test_8bit_galore_trains_close_to_32bit_and_counts_bytes():
     assert max(abs(a - b) for a, b in zip(l8, l32)) < 0.01 * l32[0]  # and follows 32-bit GaLore closely
     q = model8.layers[0].attn.q.weight
     assert opt8.state[q]["state1"].dtype == torch.uint8 and opt8.state[q]["state1"].shape == (128, 32)
-    e = estimate_memory(cfg, "galore", 32, 0.03, optimizer="adam8bit", param_bytes=4)
+    e = estimate_memory(cfg, "galore", 32, 0.03, optimizer="adamw8bit", param_bytes=4)
     assert optimizer_state_bytes(opt8) == e["full_optimizer_bytes"]

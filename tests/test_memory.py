@@ -7,7 +7,7 @@ import pytest
 
 from sltrain_cli.configs import MethodConfig, ModelConfig, UserError
 from sltrain_cli.measure import measure_memory
-from sltrain_cli.memory import PAPER_RECIPE, estimate_memory, load_model_config, memory_rows
+from sltrain_cli.memory import _paper_recipe, estimate_memory, load_model_config, memory_rows
 
 # The LLaMA shapes the paper trains (60M-1B: Table 2, 7B: Table 4 of "SLTrain: a sparse plus low-rank approach for
 # parameter and memory efficient pretraining", Han et al., NeurIPS 2024, arXiv:2406.02214; the dims of GaLore's
@@ -39,7 +39,7 @@ def paper_cfg(size: str) -> ModelConfig:
 @pytest.mark.parametrize("size", ["60m", "130m", "350m", "1b"])
 def test_paper_table_reproduced(method, size):
     params_m, mem_g = PAPER_TABLE[method][size]
-    r = estimate_memory(paper_cfg(size), method, vocab_size=32000)  # rank/delta from PAPER_RECIPE
+    r = estimate_memory(paper_cfg(size), method, vocab_size=32000)  # rank/delta from the paper preset
     assert r["params_total"] / 1e6 == pytest.approx(params_m, abs=0.05)
     assert r["total_mem_gb"] == pytest.approx(mem_g, abs=0.01)
     assert r["total_mem_gb"] == pytest.approx(r["param_mem_gb"] + r["optimizer_mem_gb"])
@@ -56,7 +56,7 @@ def test_paper_convention_details():
     assert sl["params_total"] == lr["params_total"] + nnz
     assert sl["param_mem_gb"] * 1e9 == 2 * sl["params_total"] + 8 * nnz
     # paper figures ignore the fuller options; fuller figures follow them
-    sl32 = estimate_memory(cfg, "sltrain", 128, 0.03, index_dtype="int32", optimizer="adam8bit")
+    sl32 = estimate_memory(cfg, "sltrain", 128, 0.03, index_dtype="int32", optimizer="adamw8bit")
     assert sl32["total_mem_gb"] == sl["total_mem_gb"]
     assert sl["full_param_mem_gb"] - sl32["full_param_mem_gb"] == pytest.approx(4 * nnz / 1e9)
     assert sl32["full_optimizer_mem_gb"] < sl["full_optimizer_mem_gb"] / 1.9
@@ -73,7 +73,7 @@ def test_paper_convention_details():
 
 def test_fuller_figures():
     cfg = paper_cfg("60m")
-    full = estimate_memory(cfg, "full", optimizer="adam")
+    full = estimate_memory(cfg, "full", optimizer="adamw")
     n = full["params_total"]
     assert full["full_param_mem_gb"] * 1e9 == 2 * n
     assert full["full_grad_mem_gb"] * 1e9 == 2 * n
@@ -84,7 +84,7 @@ def test_fuller_figures():
     lw = estimate_memory(cfg, "full", layerwise=True)
     assert lw["full_grad_mem_gb"] * 1e9 == 2 * 32000 * 512  # the largest single gradient (embedding)
     # 8-bit: 1 B per moment entry + fp32 absmax per 256 block; norms (< 4096 entries) stay fp32
-    b8 = estimate_memory(cfg, "full", optimizer="adam8bit")
+    b8 = estimate_memory(cfg, "full", optimizer="adamw8bit")
     big = [32000 * 512] * 2 + [512 * 512] * 32 + [1376 * 512] * 24
     expect = sum(2 * (k + 4 * -(-k // 256)) for k in big) + (2 * 8 + 1) * 512 * 8 + 2 * 256 * 4
     assert b8["full_optimizer_bytes"] == expect
@@ -105,8 +105,8 @@ def test_fuller_figures():
 
 
 @pytest.mark.parametrize("method,optimizer,layerwise,paper_gb,tol", [
-    ("full", "adam", False, 67.4, 0.02), ("full", "adam8bit", True, 29.4, 0.05),
-    ("galore", "adam8bit", True, 22.0, 0.05), ("sltrain", "adam8bit", True, 18.3, 0.10)])
+    ("full", "adamw", False, 67.4, 0.02), ("full", "adamw8bit", True, 29.4, 0.05),
+    ("galore", "adamw8bit", True, 22.0, 0.05), ("sltrain", "adamw8bit", True, 18.3, 0.10)])
 def test_figure3_7b(method, optimizer, layerwise, paper_gb, tol):
     """The fuller estimate reproduces the paper's measured 7B peaks (Figure 3, batch 1, A100).
     The 350M / 1B columns are not reproduced (measured 1.2-2.2x our estimate); see memory.py."""
@@ -120,7 +120,7 @@ def test_estimate_for_7b_builds_nothing_real():
     import resource
 
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    rows = [estimate_memory(paper_cfg("7b"), m, optimizer="adam8bit", layerwise=True)
+    rows = [estimate_memory(paper_cfg("7b"), m, optimizer="adamw8bit", layerwise=True)
             for m in ("full", "lowrank", "relora", "galore", "sltrain", "sparse")]
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2 ** 20
     assert all(r["full_total_gb"] > 0 for r in rows)
@@ -136,8 +136,10 @@ def test_bad_inputs():
         estimate_memory(cfg, "sltrain", 4096)
     with pytest.raises(UserError, match="--delta"):
         estimate_memory(cfg, "sltrain", 8, 1.5)
-    with pytest.raises(UserError, match="--optimizer"):
+    with pytest.raises(UserError, match="--optimizer: must be one of adamw, adamw8bit"):
         estimate_memory(cfg, "full", optimizer="sgd")
+    # one vocabulary (optim=adamw | adamw8bit); the first spelling of this command still means the same
+    assert estimate_memory(cfg, "full", optimizer="adam8bit") == estimate_memory(cfg, "full", optimizer="adamw8bit")
     with pytest.raises(UserError, match="--index-dtype"):
         estimate_memory(cfg, "sltrain", index_dtype="int16")
 
@@ -185,10 +187,10 @@ def test_load_model_config_env(tmp_path, monkeypatch):
 
 
 def test_memory_rows_all():
-    rows = memory_rows("60m", "all", None, None, "adam", False, "int64", 1, 256, False, False, None)
+    rows = memory_rows("60m", "all", None, None, "adamw", False, "int64", 1, 256, False, False, None)
     assert [r["method"] for r in rows] == ["full", "lowrank", "relora", "galore", "sltrain", "sparse"]
     sl = next(r for r in rows if r["method"] == "sltrain")
-    assert (sl["rank"], sl["delta"]) == (PAPER_RECIPE["60m"]["rank"], PAPER_RECIPE["60m"]["delta"])
+    assert {"rank": sl["rank"], "delta": sl["delta"]} == _paper_recipe("60m")  # conf/experiment/paper_60m.yaml
     assert sl["device"] == "cuda" and all("measured_gb" not in r for r in rows)
     assert memory_rows("llama_60m", "sltrain", 64, 0.1)[0]["rank"] == 64
 
@@ -252,7 +254,7 @@ def _check_state(method, optim, layerwise, dtype):
         pytest.importorskip("bitsandbytes")
     cfg = load_model_config("tiny")
     got = _real_state_bytes(cfg, method, optim, layerwise, dtype)
-    e = estimate_memory(cfg, method, 16, 0.03, optimizer="adam8bit" if optim == "adamw8bit" else "adam",
+    e = estimate_memory(cfg, method, 16, 0.03, optimizer="adamw8bit" if optim == "adamw8bit" else "adamw",
                         layerwise=layerwise, param_bytes=dtype.itemsize)
     assert got == e["full_optimizer_bytes"]
 
@@ -291,7 +293,7 @@ def test_galore_8bit_state_matches_estimate(layerwise, dtype):
         opt.step()
     q = model.layers[0].attn.q.weight
     assert opt.state[q]["state1"].dtype == torch.uint8
-    e = estimate_memory(cfg, "galore", 32, 0.03, optimizer="adam8bit", layerwise=layerwise,
+    e = estimate_memory(cfg, "galore", 32, 0.03, optimizer="adamw8bit", layerwise=layerwise,
                         param_bytes=dtype.itemsize)
     assert optimizer_state_bytes(opt) == e["full_optimizer_bytes"]
 
@@ -344,14 +346,15 @@ def test_factored_kernel_cache_matches_real(method, rank):
     assert estimate_memory(cfg, method, rank, 0.03, batch_size=4, seq_len=256, device="cpu")["kernel_cache_mem_gb"] == 0
 
 
-SETTINGS = [("adam", False, False, "bf16-pure"), ("adam", False, True, "fp32"), ("adam8bit", True, False, "bf16-pure")]
+SETTINGS = [("adamw", False, False, "bf16-pure"), ("adamw", False, True, "fp32"),
+            ("adamw8bit", True, False, "bf16-pure")]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method,optimizer,layerwise,ckpt,precision", [
     (m, *s) for s in SETTINGS for m in METHODS])
 def test_measure_close_to_estimate(method, optimizer, layerwise, ckpt, precision):
-    if optimizer == "adam8bit":
+    if optimizer == "adamw8bit":
         pytest.importorskip("bitsandbytes")
     from sltrain_cli.configs import ModelConfig as MC
 
@@ -364,7 +367,7 @@ def test_measure_close_to_estimate(method, optimizer, layerwise, ckpt, precision
 
 
 def test_memory_rows_measure_tiny():
-    rows = memory_rows("tiny", "lowrank", 8, None, "adam", False, "int64", 1, 32, False, True, "cpu")
+    rows = memory_rows("tiny", "lowrank", 8, None, "adamw", False, "int64", 1, 32, False, True, "cpu")
     assert rows[0]["measured_gb"] > 0 and rows[0]["ratio"] > 0 and rows[0]["device"] == "cpu"
 
 
@@ -375,7 +378,7 @@ def test_memory_rows_measure_refused_keeps_row(monkeypatch):
         raise UserError("method=galore: refused here")
 
     monkeypatch.setattr(memory, "measure_memory", refuse)  # a setting the core refuses
-    rows = memory_rows("tiny", "galore", 8, None, "adam8bit", False, "int64", 1, 32, False, True, "cpu")
+    rows = memory_rows("tiny", "galore", 8, None, "adamw8bit", False, "int64", 1, 32, False, True, "cpu")
     assert rows[0]["measured_gb"] is None and "galore" in rows[0]["measure_error"]
     assert rows[0]["full_total_gb"] > 0
 

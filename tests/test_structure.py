@@ -90,6 +90,21 @@ def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
+RUNTIME = ("train", "runs", "distributed", "checkpoint", "data", "core", "methods", "config_io", "summary", "signals",
+           "collapse", "files", "launch")
+PRESENTATION = ("hydra", "omegaconf", "typer", "rich", "pandas", "matplotlib")
+
+
+@pytest.mark.parametrize("module", RUNTIME)
+def test_the_training_runtime_imports_no_cli_or_presentation_library(module):
+    """The runtime runs from Python without the CLI stack; the CLI wires in config composition and display."""
+    code = (f"import sys, sltrain_cli.{module}\n"
+            f"bad = [m for m in {PRESENTATION!r} if m in sys.modules]\n"
+            "assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-500:]
+
+
 def test_no_source_file_is_too_long():
     long = {str(p.relative_to(PKG.parent)): n for p in MODULES.values()
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
