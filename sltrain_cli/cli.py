@@ -131,19 +131,20 @@ def pretrain(overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDE
 
 
 def _pretrain(overrides: List[str], print_config: bool, quiet: bool, stop) -> None:
-    from .catalog import summary_view, without_unused
     from .compose import load_config
     from .config_io import to_yaml
+
+    cfg = load_config(overrides)
+    if print_config:
+        typer.echo(to_yaml(cfg))
+        return
+    from .catalog import summary_view, without_unused  # the run's own imports (torch) only past this point
     from .progress import TrainProgress
     from .results import plot_run, print_record, upsert_row
     from .signals import survive_closed_stdout
     from .summary import summary_row
     from .train import train
 
-    cfg = load_config(overrides)
-    if print_config:
-        typer.echo(to_yaml(cfg))
-        return
     run_dir = run_dir_for("pretrain", cfg, overrides)
     survive_closed_stdout()
     summary = train(cfg, run_dir, overrides, progress=None if quiet else TrainProgress, stop=stop)

@@ -15,7 +15,7 @@ import itertools
 import os
 import re
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -67,6 +67,19 @@ def option_values(group: str, option: str) -> dict:
     data = OmegaConf.to_container(OmegaConf.load(conf_dir() / group / f"{option}.yaml")) or {}
     data.pop("defaults", None)
     return data
+
+
+def option_defaults(group: Optional[str] = None, option: Optional[str] = None) -> Dict[str, str]:
+    """The group choices a YAML's defaults list makes: conf/config.yaml's (no arguments) or a preset's
+    ('override /model: llama_60m' -> {'model': 'llama_60m'}); entries that choose no group option are skipped."""
+    path = conf_dir() / "config.yaml" if group is None else conf_dir() / group / f"{option}.yaml"
+    found = {}
+    for entry in (OmegaConf.to_container(OmegaConf.load(path)) or {}).get("defaults") or []:
+        for key, value in (entry.items() if isinstance(entry, dict) else ()):
+            name = key.replace("override", "").replace("optional", "").strip().lstrip("/")
+            if name in GROUPS and value is not None:
+                found[name] = value
+    return found
 
 
 def split_override(override: str) -> tuple[str, str]:

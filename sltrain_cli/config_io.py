@@ -5,7 +5,7 @@ OmegaConf (compose.py, the CLI side, builds a RunConfig from conf/ and overrides
     to_container(cfg) -> dict            enums by name: what checkpoints store (torch.load(weights_only) reads it)
     from_container(dict) -> RunConfig    its inverse: unknown keys and wrong types are ConfigErrors naming the key
     to_yaml(cfg) -> str                  config.yaml / --print-config: each key under its help as a # comment
-    config_changes(a, b)                 the keys two configs disagree on, outside RESUME_FREE_KEYS
+    config_changes(a, b, free)           the keys two configs disagree on, outside ``free`` (state.RESUME_FREE_KEYS)
 """
 from __future__ import annotations
 
@@ -202,15 +202,6 @@ def _dump(data: dict) -> str:
     return yaml.dump(data, default_flow_style=False, allow_unicode=True, sort_keys=False, Dumper=_Dumper)
 
 
-# Keys that may change when a run is resumed: how often it logs, evaluates and saves, where and how fast it
-# runs. Anything else changes the numbers, so a resume with another value is refused.
-# (train.compile too: it fuses the same ops, so only rounding moves, as with train.num_threads.)
-RESUME_FREE_KEYS = ("train.log_every", "train.eval_every", "train.save_every", "train.eval_tokens",
-                    "train.num_threads", "train.device", "train.keep_checkpoints", "train.resume", "train.overwrite",
-                    "train.loggers", "train.peak_flops", "train.compile", "tokenizer.cache_dir", "out_dir", "run_name",
-                    "timestamp", "method_recipes")
-
-
 def flatten(data, prefix: str = "") -> dict:
     """{'a': {'b': 1}} -> {'a.b': 1} (empty dicts stay as values)."""
     if isinstance(data, dict) and data:
@@ -218,7 +209,7 @@ def flatten(data, prefix: str = "") -> dict:
     return {prefix[:-1]: data}
 
 
-def config_changes(stored: dict, current: dict, free: Sequence[str] = RESUME_FREE_KEYS) -> List[tuple]:
+def config_changes(stored: dict, current: dict, free: Sequence[str] = ()) -> List[tuple]:
     """[(dotted key, stored value, current value)] for every key two configs (plain containers, see
     ``to_container``) disagree on, outside ``free`` and their sub-keys."""
     a, b = flatten(stored), flatten(current)

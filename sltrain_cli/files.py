@@ -19,8 +19,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Optional
 
-import torch
-
 
 def atomic_write(path: Path | str, data: bytes | str) -> None:
     raw = data.encode() if isinstance(data, str) else data
@@ -32,6 +30,8 @@ def atomic_torch_save(path: Path | str, obj: Any) -> None:
 
     torch's zip writer turns a failed write into ``RuntimeError: ... unexpected pos`` (a full disk among
     them); the OSError that caused it is raised instead, so that callers can tell a full disk by its errno."""
+
+    import torch  # here, not at the top: listing configs or printing one should not load torch
 
     def write(f: BinaryIO) -> None:
         failed: list = []

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .config_io import RESUME_FREE_KEYS, flatten, read_config_file
+from .config_io import flatten, read_config_file
 from .configs import ConfigError
 from .files import atomic_write, locked
 from .summary import summary_row
@@ -239,6 +239,8 @@ def best_by(runs: List[Path], summaries: List[dict], key: str) -> Tuple[List[int
     for i, s in enumerate(summaries):
         if s.get("status") == "completed" and s.get("val_ppl") is not None:
             groups.setdefault(str(s.get(key)), []).append(i)
+    from .state import RESUME_FREE_KEYS  # here: state loads torch, which listing and tables never need
+
     keep, notes = [], []
     for value, members in groups.items():
         best = min(members, key=lambda i: summaries[i]["val_ppl"])

@@ -38,6 +38,7 @@ from .configs import ConfigError, ModelConfig, Precision, RunConfig, UserError
 from .core.convert import apply_method
 from .core.model import LlamaForCausalLM
 from .files import FolderInUse, RunLock, read_summary, remove_stale_temps
+from .state import RESUME_FREE_KEYS
 from .summary import RunSummary
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -170,7 +171,7 @@ def check_run_dir(cfg: RunConfig, run_dir: Path, warn, probe_lock: bool = True
     resume_from = resume_path(tcfg.resume, ckpt_dir, warn)
     if resume_from is not None:
         stored = to_container(from_container(stored_config(resume_from)))  # keys added since: defaults
-        changes = config_changes(stored, current)
+        changes = config_changes(stored, current, RESUME_FREE_KEYS)
         if changes:
             raise ConfigError("train.resume", f"the checkpoint {resume_from.name} was trained with another config "
                                               f"({_describe_changes(changes)}); resume with the same settings, or "
@@ -195,7 +196,7 @@ def check_run_dir(cfg: RunConfig, run_dir: Path, warn, probe_lock: bool = True
             warn(f"{run_dir} holds an {status} run that saved no checkpoint; starting fresh")
         return None, None  # nothing of value there (a run that never got going)
     if status == "completed":
-        changes = config_changes(read_config_file(run_dir / "config.yaml"), current) \
+        changes = config_changes(read_config_file(run_dir / "config.yaml"), current, RESUME_FREE_KEYS) \
             if (run_dir / "config.yaml").is_file() else [("config.yaml", "missing", "")]
         if not changes:
             return None, earlier

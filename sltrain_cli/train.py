@@ -29,7 +29,6 @@ import torch
 
 from . import data as data_lib
 from . import distributed
-from .checkpoint import load_training_state, prune_checkpoints, save_training_state
 from .collapse import CollapseWatch
 from .config_io import to_container, to_yaml
 from .configs import ModelConfig, Parallel, RunConfig, UserError
@@ -62,6 +61,7 @@ from .runs import (
     open_run_dir,
 )
 from .signals import Interrupted, StopSignal
+from .state import ResumeBundle
 from .summary import RunSummary
 from .tokenizer import build_tokenizer
 from .tracking import Trackers, flops_per_token, memory_now, peak_flops, run_metadata
@@ -114,26 +114,6 @@ def train_step(wrapped, input_ids: torch.Tensor, labels: torch.Tensor, accum: in
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
-
-
-@dataclasses.dataclass
-class TrainState:
-    """What the loop carries from step to step, saved with every checkpoint so that a resumed run continues
-    exactly where the saved one was: the same batches, the same random numbers, the same counters."""
-
-    step: int = 0  # optimizer steps completed
-    tokens: int = 0  # training tokens consumed (all ranks)
-    train_time: float = 0.0  # seconds spent in training steps (evaluation and checkpoints excluded)
-    data: dict = dataclasses.field(default_factory=dict)  # the training stream's position for the next step
-    rng: dict = dataclasses.field(default_factory=dict)  # {"torch": the CPU generator state}
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "train_time": self.train_time, "data": self.data,
-                "rng": self.rng}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.tokens, self.train_time = int(state["step"]), int(state["tokens"]), float(state["train_time"])
-        self.data, self.rng = state["data"], state["rng"]
 
 
 class _Metrics:
@@ -279,16 +259,24 @@ SEGMENT_KEYS = ("start_time", "end_time", "argv", "pid", "hostname", "resumed_fr
                 "peak_mem_bytes", "train_time_s")
 
 
-def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_from: Optional[Path],
-              warm_start: Optional[Path], tokenizer, train_stream, val_set, progress,
-              stop: StopSignal) -> RunSummary:
-    """The loop proper, in a locked run folder."""
-    tcfg, mcfg, device, method = cfg.train, cfg.method, rt.device, get_method(cfg.method.name)
-    ckpt_dir = run_dir / "checkpoints"
-    unigram = data_lib.unigram_perplexity(train_stream, val_set)
-    val_batches = val_set.batches(tcfg.eval_tokens, tcfg.micro_batch_size, rank=rt.rank, world_size=rt.world_size)
+@dataclasses.dataclass
+class _Parts:
+    """What the loop trains: the model (and its DDP/FSDP wrapper), optimizer, schedule and their facts."""
 
-    model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
+    model_cfg: ModelConfig
+    model: torch.nn.Module
+    wrapped: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    autocast: object
+    counts: dict
+    kernels: dict
+
+
+def _build(cfg: RunConfig, rt, fsdp: bool, vocab_size: int, warm_start: Optional[Path]) -> _Parts:
+    """Model (seeded init, warm start, method swap), kernels, wrapper, optimizer and schedule."""
+    tcfg, mcfg, device = cfg.train, cfg.method, rt.device
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab_size)
     model = build_model(model_cfg, mcfg, cfg.seed, device, tcfg.precision, warm_start)
     model.activation_checkpointing = tcfg.activation_checkpointing
     if tcfg.compile:  # before DDP/FSDP2 wrap the blocks; compiles lazily, at the first step
@@ -296,47 +284,57 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
         rt.print("train.compile: the decoder blocks compile during the first step (tens of seconds)")
     counts = count_parameters(model)
     distributed.check_supports_agree(model, rt)
-    autocast = autocast_for(tcfg.precision, device)
     # SLTrain layers fix their kernel once, from the micro-batch's token count (the same on resume)
     kernels = choose_kernels(model, tcfg.micro_batch_size * cfg.data.seq_len, tcfg.precision.value, device)
-
     wrapped = distributed.wrap(model, rt, fsdp)
     if tcfg.layerwise:
         optimizer, scheduler = LayerwiseOptimizer(model, cfg.optim, mcfg, tcfg.steps, rt.world_size), None
     else:
         optimizer = build_optimizer(model, cfg.optim, mcfg)
         scheduler = build_scheduler(optimizer, cfg.optim, mcfg, tcfg.steps)
+    return _Parts(model_cfg, model, wrapped, optimizer, scheduler, autocast_for(tcfg.precision, device), counts,
+                  kernels)
 
-    state = TrainState()
-    if resume_from is not None:
-        state.load_state_dict(load_training_state(resume_from, model, optimizer, scheduler, rt, fsdp))
-        train_stream.load_state_dict(state.data)
-        torch.set_rng_state(state.rng["torch"])
-        rt.print(f"resumed from {resume_from} at step {state.step}")
-    start_step = state.step
-    trackers = Trackers(tcfg.loggers, run_dir, to_container(cfg), run_dir.name, enabled=rt.is_main)
-    metrics = _Metrics(run_dir / "metrics.jsonl", start_step, rt.is_main, trackers)
-    last_saved: list = [resume_from]
 
-    def save(step: int) -> None:
-        """The state after ``step`` completed steps: weights, optimizer, scheduler, TrainState."""
-        state.step, state.data, state.rng = step, train_stream.state_dict(), {"torch": torch.get_rng_state()}
-        last_saved[0] = save_training_state(ckpt_dir, step, model, optimizer, scheduler,
-                                            {**state.state_dict(), "config": to_container(cfg)}, rt, fsdp)
-        if rt.is_main:
-            prune_checkpoints(ckpt_dir, tcfg.keep_checkpoints, final_step=tcfg.steps)
-
-    summary: RunSummary = {
+def _summary_head(cfg: RunConfig, run_dir: Path, rt, parts: _Parts, unigram: Optional[float],
+                  resumed_from_step: Optional[int]) -> RunSummary:
+    """The summary's facts known before the first step."""
+    method, counts, device = get_method(cfg.method.name), parts.counts, rt.device
+    return {
         "command": "pretrain", "run": run_dir.name, "run_dir": str(run_dir), "model": cfg.model.name,
-        "method": method.name, **{k: getattr(mcfg, k) if method.uses(k) else None
-                                      for k in ("rank", "delta")},  # None where the method does not use it
+        "method": method.name, **{k: getattr(cfg.method, k) if method.uses(k) else None
+                                  for k in ("rank", "delta")},  # None where the method does not use it
         "params_total": counts["total"], "params_trainable": counts["trainable"],
         "params_lowrank": counts["lowrank"], "params_sparse": counts["sparse_values"],
-        "index_entries": counts["indices"], "vocab_size": tokenizer.vocab_size, "unigram_ppl": unigram,
-        "world_size": rt.world_size, "device": str(device), "precision": tcfg.precision.value, "kernels": kernels,
-        **run_metadata(device, rt.world_size), "flops_per_token": flops_per_token(model, cfg.data.seq_len),
-        "peak_flops": peak_flops(device, tcfg.peak_flops), "resumed_from_step": start_step if resume_from else None}
-    summary["est_mem_gb"] = estimated_memory_gb(model_cfg, mcfg)
+        "index_entries": counts["indices"], "vocab_size": parts.model_cfg.vocab_size, "unigram_ppl": unigram,
+        "world_size": rt.world_size, "device": str(device), "precision": cfg.train.precision.value,
+        "kernels": parts.kernels, **run_metadata(device, rt.world_size),
+        "flops_per_token": flops_per_token(parts.model, cfg.data.seq_len),
+        "peak_flops": peak_flops(device, cfg.train.peak_flops), "resumed_from_step": resumed_from_step,
+        "est_mem_gb": estimated_memory_gb(parts.model_cfg, cfg.method)}
+
+
+def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_from: Optional[Path],
+              warm_start: Optional[Path], tokenizer, train_stream, val_set, progress,
+              stop: StopSignal) -> RunSummary:
+    """The loop proper, in a locked run folder."""
+    tcfg, mcfg, device, method = cfg.train, cfg.method, rt.device, get_method(cfg.method.name)
+    unigram = data_lib.unigram_perplexity(train_stream, val_set)
+    val_batches = val_set.batches(tcfg.eval_tokens, tcfg.micro_batch_size, rank=rt.rank, world_size=rt.world_size)
+    parts = _build(cfg, rt, fsdp, tokenizer.vocab_size, warm_start)
+    model, wrapped, optimizer, autocast = parts.model, parts.wrapped, parts.optimizer, parts.autocast
+    bundle = ResumeBundle(model, optimizer, parts.scheduler, train_stream, to_container(cfg), rt, fsdp)
+    if resume_from is not None:
+        bundle.load(resume_from)
+        rt.print(f"resumed from {resume_from} at step {bundle.state.step}")
+    state, start_step = bundle.state, bundle.state.step
+    trackers = Trackers(tcfg.loggers, run_dir, to_container(cfg), run_dir.name, enabled=rt.is_main)
+    metrics = _Metrics(run_dir / "metrics.jsonl", start_step, rt.is_main, trackers)
+    summary = _summary_head(cfg, run_dir, rt, parts, unigram, start_step if resume_from else None)
+
+    def save(step: int) -> None:
+        bundle.save(run_dir / "checkpoints", step, tcfg.keep_checkpoints, tcfg.steps)
+
     tokens_per_step = tcfg.total_batch_size * cfg.data.seq_len
     params = [p for p in model.parameters() if p.requires_grad]
     watch = CollapseWatch(tokenizer.vocab_size, unigram, warmup_steps(cfg.optim, tcfg.steps))
@@ -350,7 +348,7 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
             for step in range(start_step, tcfg.steps):
                 t0 = time.perf_counter()
                 loss_sum, grad_norm = train_step(wrapped, *train_stream.next_batch(), accum, params, optimizer,
-                                                 scheduler, cfg.optim.grad_clip, device, autocast)
+                                                 parts.scheduler, cfg.optim.grad_clip, device, autocast)
                 method.after_step(model, optimizer, mcfg, step, tcfg.steps, cfg.seed, device)  # ReLoRA's merge
                 state.train_time += time.perf_counter() - t0
                 state.tokens += tokens_per_step
@@ -406,33 +404,39 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):  # torch's own wording of it is turned back into OSError
             summary["error"] = "no space left on device"
-            raise disk_full_error(run_dir, done, last_saved[0]) from None
+            raise disk_full_error(run_dir, done, bundle.last_checkpoint) from None
         raise
     finally:
-        peak, peak_kind = peak_memory(device)
-        summary.update({"tokens": state.tokens, "steps": done,
-                        "val_loss": val["loss"] if val else None, "val_ppl": val["ppl"] if val else None,
-                        "val_tokens": val["tokens"] if val else None, "last_eval": last_eval,
-                        "tokens_per_s": state.tokens / state.train_time if state.train_time else None,
-                        "train_time_s": state.train_time, "peak_mem_bytes": peak, "peak_mem_kind": peak_kind,
-                        "optimizer_state_bytes": optimizer_state_bytes(optimizer),
-                        "last_checkpoint": str(last_saved[0]) if last_saved[0] else None,
-                        "status": status, "end_time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        if summary["tokens_per_s"] and summary["peak_flops"]:  # model FLOPs utilisation, all devices together
-            achieved = summary["tokens_per_s"] * summary["flops_per_token"]
-            summary["mfu"] = achieved / (summary["peak_flops"] * rt.world_size)
         trackers.close()
-        if stop.requested and status == "completed":  # the signal came after the final evaluation, before
-            status = summary["status"] = "interrupted"  # summary.json: resume re-evaluates (cheap, exact)
-            summary.update({"val_loss": None, "val_ppl": None, "val_tokens": None})
-        if status == "interrupted":
-            summary["exit_code"] = stop.exit_code
-            summary["signal"] = stop.name
-        if status == "diverged":
-            summary.update({"exit_code": 3, "diverged_step": done, "diverged_reason": reason})
-        if rt.is_main:
-            try:
-                _write_summary(run_dir, summary)
-            except OSError as err:  # a full disk must not hide the run's real outcome
-                print(f"summary.json not written: {err.strerror}", flush=True)
+        _finish(summary, status, done, val, last_eval, reason, bundle, optimizer, stop, rt, run_dir)
     return summary
+
+
+def _finish(summary: RunSummary, status: str, done: int, val: Optional[dict], last_eval: Optional[dict],
+            reason: Optional[str], bundle: ResumeBundle, optimizer, stop: StopSignal, rt, run_dir: Path) -> None:
+    """The summary's outcome (status, steps, perplexity, speed, memory, exit code) and summary.json (rank 0)."""
+    state = bundle.state
+    peak, peak_kind = peak_memory(rt.device)
+    summary.update({"tokens": state.tokens, "steps": done,
+                    "val_loss": val["loss"] if val else None, "val_ppl": val["ppl"] if val else None,
+                    "val_tokens": val["tokens"] if val else None, "last_eval": last_eval,
+                    "tokens_per_s": state.tokens / state.train_time if state.train_time else None,
+                    "train_time_s": state.train_time, "peak_mem_bytes": peak, "peak_mem_kind": peak_kind,
+                    "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+                    "last_checkpoint": str(bundle.last_checkpoint) if bundle.last_checkpoint else None,
+                    "status": status, "end_time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    if summary["tokens_per_s"] and summary["peak_flops"]:  # model FLOPs utilisation, all devices together
+        achieved = summary["tokens_per_s"] * summary["flops_per_token"]
+        summary["mfu"] = achieved / (summary["peak_flops"] * rt.world_size)
+    if stop.requested and status == "completed":  # the signal came after the final evaluation, before
+        summary.update({"status": "interrupted", "val_loss": None, "val_ppl": None, "val_tokens": None})
+    if summary["status"] == "interrupted":  # summary.json: resume re-evaluates (cheap, exact)
+        summary["exit_code"] = stop.exit_code
+        summary["signal"] = stop.name
+    if summary["status"] == "diverged":
+        summary.update({"exit_code": 3, "diverged_step": done, "diverged_reason": reason})
+    if rt.is_main:
+        try:
+            _write_summary(run_dir, summary)
+        except OSError as err:  # a full disk must not hide the run's real outcome
+            print(f"summary.json not written: {err.strerror}", flush=True)
