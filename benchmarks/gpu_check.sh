@@ -7,7 +7,7 @@
 # CUDA tests, a short bf16-pure pretrain on the GPU + eval-ppl, the layer benchmark on CUDA (compose / factored /
 # auto vs dense, fp32 and bf16), the whole-step benchmark on CUDA (fp32 and bf16 autocast), and measured vs
 # estimated memory for 350m. Outputs go under ${OUT:-outputs/gpu_check}. The kernel lines (issue 14) add about
-# 5 minutes; the factored kernel's CUDA cost-model constants (core/sparse_kernels.py _COST["cuda"]) are guesses
+# 5 minutes; the factored kernel's CUDA cost-model constants (core/kernel_choice.py _COST["cuda"]) are guesses
 # until bench_layer_cuda_*.txt says otherwise.
 set -uo pipefail
 OUT=${OUT:-outputs/gpu_check}

@@ -156,3 +156,21 @@ def memory_view(row: dict) -> dict:
     if "measured_gb" in row:
         out.update({"measured GB": row["measured_gb"], "measured/ours": row.get("ratio")})
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def outcome_lines(summary: dict, overrides) -> tuple:
+    """(the result line for stdout or None, the line for stderr or None) of a finished `sltrain pretrain`."""
+    status, result, warning = summary["status"], None, None
+    if status == "completed" and summary.get("val_ppl") is not None:
+        result = (f"validation perplexity {summary['val_ppl']:.2f} on {summary['val_tokens']:,} tokens "
+                  f"(unigram baseline of this corpus: {summary['unigram_ppl']:.2f})")
+    resume = " ".join([*(o for o in overrides if not o.startswith("train.resume=")), "train.resume=true"])
+    if status == "interrupted":
+        saved = f"step {summary['steps']} is saved" if summary.get("last_checkpoint") else "no checkpoint was saved"
+        warning = (f"interrupted ({summary.get('signal', 'SIGINT')}): {saved}; resume with: sltrain pretrain "
+                   f"{resume}")
+    elif status == "diverged":
+        warning = (f"diverged at step {summary['diverged_step']}: {summary.get('diverged_reason')}; the last "
+                   f"checkpoint is {summary.get('last_checkpoint') or 'none'}. Lower the learning rate (lr=) or "
+                   "enable clipping (optim.grad_clip=1.0) and start over with train.overwrite=true")
+    return result, warning

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import os
 from enum import Enum
 from pathlib import Path
@@ -89,10 +88,6 @@ def _user_errors(fn):
     return wrapper
 
 
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def run_dir_for(command: str, cfg, overrides) -> Path:
     from .compose import run_name
 
@@ -138,7 +133,7 @@ def _pretrain(overrides: List[str], print_config: bool, quiet: bool, stop) -> No
     if print_config:
         typer.echo(to_yaml(cfg))
         return
-    from .catalog import summary_view, without_unused  # the run's own imports (torch) only past this point
+    from .catalog import outcome_lines, summary_view, without_unused  # the run's imports (torch) only from here
     from .progress import TrainProgress
     from .results import plot_run, print_record, upsert_row
     from .signals import survive_closed_stdout
@@ -148,26 +143,18 @@ def _pretrain(overrides: List[str], print_config: bool, quiet: bool, stop) -> No
     run_dir = run_dir_for("pretrain", cfg, overrides)
     survive_closed_stdout()
     summary = train(cfg, run_dir, overrides, progress=None if quiet else TrainProgress, stop=stop)
-    if not _is_main():
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun's other ranks: rank 0 reports
         raise typer.Exit(_exit_code(summary))
     if summary.get("command"):  # a completed run skipped as already done still gets (or keeps) its row
         upsert_row(run_dir.parent / "results.csv", without_unused(summary_row(summary)))
     if not summary.get("skipped"):
         plot_run(run_dir, summary)
     print_record(summary_view(summary), title=f"pretrain -> {run_dir}")
-    status = summary["status"]
-    if status == "completed" and summary.get("val_ppl") is not None:
-        typer.echo(f"validation perplexity {summary['val_ppl']:.2f} on {summary['val_tokens']:,} tokens "
-                   f"(unigram baseline of this corpus: {summary['unigram_ppl']:.2f})")
-    resume = " ".join([*(o for o in overrides if not o.startswith("train.resume=")), "train.resume=true"])
-    if status == "interrupted":
-        saved = f"step {summary['steps']} is saved" if summary.get("last_checkpoint") else "no checkpoint was saved"
-        typer.echo(f"interrupted ({summary.get('signal', 'SIGINT')}): {saved}; resume with: sltrain pretrain "
-                   f"{resume}", err=True)
-    elif status == "diverged":
-        typer.echo(f"diverged at step {summary['diverged_step']}: {summary.get('diverged_reason')}; the last "
-                   f"checkpoint is {summary.get('last_checkpoint') or 'none'}. Lower the learning rate (lr=) or "
-                   "enable clipping (optim.grad_clip=1.0) and start over with train.overwrite=true", err=True)
+    result, warning = outcome_lines(summary, overrides)
+    if result:
+        typer.echo(result)
+    if warning:
+        typer.echo(warning, err=True)
     elif stop.requested:  # the signal came after summary.json was written: the run itself is complete
         typer.echo(f"stopped by {stop.name} after the run completed (its files are written)", err=True)
         raise typer.Exit(stop.exit_code)
@@ -254,11 +241,7 @@ def ablate_support(overrides: Optional[List[str]] = typer.Argument(None, help="s
     run_study(list(overrides or []))
 
 
-class Fmt(str, Enum):
-    table = "table"
-    csv = "csv"
-    json = "json"
-    md = "md"
+Fmt = Enum("Fmt", {name: name for name in ("table", "csv", "json", "md")}, type=str)  # --format
 
 
 @app.command("memory-estimate", cls=GroupsHelp)
@@ -295,30 +278,17 @@ def memory_estimate(size: str = typer.Option("60m", "--size", help="60m, 130m, 3
     {groups:model}
     """
     from .catalog import memory_view
-    from .files import atomic_write
-    from .memory import memory_rows
-    from .results import markdown, print_table, to_frame
+    from .measure import memory_rows
+    from .results import show_rows
 
     rows = memory_rows(size, method, rank=rank, delta=delta, optimizer=optimizer, layerwise=layerwise,
                        index_dtype=index_dtype, batch_size=batch_size, seq_len=seq_len,
                        activation_checkpointing=activation_checkpointing, measure=measure,
                        device=None if device == "auto" else device)
-    df = to_frame(rows)
-    if out is not None:
-        text = {".csv": lambda: df.to_csv(index=False), ".json": lambda: json.dumps(rows, indent=2) + "\n"}.get(
-            out.suffix, lambda: markdown(df) + "\n")()
-        atomic_write(out, text)
-    if fmt == Fmt.json:
-        typer.echo(json.dumps(rows, indent=2))
-    elif fmt == Fmt.csv:
-        typer.echo(df.to_csv(index=False), nl=False)
-    elif fmt == Fmt.md:
-        typer.echo(markdown(df))
-    else:
-        print_table([memory_view(r) for r in rows],
-                    title=f"LLaMA {size}: paper convention (bf16 params + Adam moments, int64 indices) | "
-                          f"ours: + gradients, {optimizer}{', layer-wise' if layerwise else ''}, activations "
-                          f"(batch {batch_size} x {seq_len})")
+    show_rows(rows, fmt.value, out, view=memory_view,
+              title=f"LLaMA {size}: paper convention (bf16 params + Adam moments, int64 indices) | ours: + "
+                    f"gradients, {optimizer}{', layer-wise' if layerwise else ''}, activations (batch {batch_size} x "
+                    f"{seq_len})")
 
 
 RUN_HELP = ("A run folder (its latest checkpoint), a checkpoint file (RUN_DIR/checkpoints/step_NNNNNN.pt) "
@@ -341,20 +311,11 @@ def export(run: Path = typer.Argument(..., help=RUN_HELP),
     (alpha/r) B A + S), so transformers loads it without sltrain:
     AutoModelForCausalLM.from_pretrained(DIR), AutoTokenizer.from_pretrained(DIR).
     """
-    import warnings
+    from .export import export_command
 
-    from .configs import Precision
-    from .export import DTYPES, ExportNote, export_run, open_run
-
-    if dtype not in DTYPES:  # before the (slow) load
-        raise UserError(f"--dtype: must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    with warnings.catch_warnings(record=True) as notes:
-        warnings.simplefilter("always", ExportNote)
-        loaded = open_run(run, precision=Precision.fp32)  # dense weights formed in fp32, cast once
-        path = export_run(loaded, out, dtype)
+    path, loaded, notes = export_command(run, out, dtype)
     for note in notes:
-        if issubclass(note.category, ExportNote):  # not the libraries' warnings the load raises
-            typer.echo(f"note: {note.message}", err=True)
+        typer.echo(f"note: {note}", err=True)
     typer.echo(f"exported step {loaded.step} ({loaded.checkpoint.name}) -> {path}  "
                f"(AutoModelForCausalLM.from_pretrained({str(path)!r}))")
 

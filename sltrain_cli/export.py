@@ -259,6 +259,20 @@ def open_run(path: Union[str, Path], precision: Optional[Precision] = None) -> L
                                  "folder or RUN_DIR/checkpoints/step_NNNNNN.pt") from None
 
 
+def export_command(run: Union[str, Path], out: Optional[Union[str, Path]], dtype: str) -> tuple:
+    """`sltrain export`: (the folder written, the run as loaded, the notes for the user). --dtype is checked
+    before the (slow) load; the dense weights are formed in fp32 and cast once."""
+    import warnings
+
+    if dtype not in DTYPES:
+        raise ConfigError("--dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ExportNote)
+        loaded = open_run(run, precision=Precision.fp32)
+        path = export_run(loaded, out, dtype)
+    return path, loaded, [str(n.message) for n in caught if issubclass(n.category, ExportNote)]
+
+
 def export_run(path: Union[str, Path, LoadedRun], out: Optional[Union[str, Path]] = None, dtype: str = "fp32") -> Path:
     """Write a Hugging Face LlamaForCausalLM folder for a run folder or checkpoint; returns the folder.
 

@@ -7,11 +7,11 @@ torch allocations from torch.profiler's allocation events (``_cpu_peak_bytes``).
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import List, Optional
 
 from .configs import ConfigError, MethodConfig, ModelConfig, UserError
-
-GB = 1e9  # 1G = 1e9 B, the paper's convention (memory.py uses the same unit)
+from .memory import GB, _short, default_recipe, estimate_memory, load_model_config
+from .methods import all_methods
 
 
 def _cpu_peak_bytes(prof, marker: str) -> int:
@@ -80,7 +80,8 @@ def measure_memory(model_cfg: ModelConfig, method_cfg: MethodConfig, *, optimize
     """
     import torch
 
-    from .configs import OptimConfig, optim_name
+    from .choices import optim_name
+    from .configs import OptimConfig
     from .core.convert import apply_method
     from .core.model import LlamaForCausalLM
     from .core.optim import LayerwiseOptimizer, build_optimizer
@@ -152,3 +153,43 @@ def _set_checkpointing(model, enabled: bool) -> None:
         model.activation_checkpointing = True
     else:
         raise UserError("--activation-checkpointing: this model does not support it")
+
+
+def memory_rows(size: str, method: str = "all", rank: Optional[int] = None, delta: Optional[float] = None,
+                optimizer: str = "adamw", layerwise: bool = False, index_dtype: str = "int64",
+                batch_size: int = 1, seq_len: int = 256, activation_checkpointing: bool = False,
+                measure: bool = False, device: Optional[str] = None) -> List[dict]:
+    """One estimate row per method (``method='all'``: every method, in display order).
+
+    rank / delta default to ``default_recipe`` (the size's paper preset). With ``measure`` each row also
+    gets ``measured_gb`` (a few bf16-pure training steps of the real model on ``device``, measure.py),
+    ``measure_kind`` and ``ratio`` = measured / full_total_gb (the estimate is then made for the measuring
+    device). ``device`` None: cuda when available for measuring; estimates alone assume cuda (the paper's).
+    """
+    device = measure_device(device) if measure else device or "cuda"  # measuring: checked before any row
+    cfg = load_model_config(size)
+    short = _short(cfg.name)
+    recipe = default_recipe(cfg)
+    rank = int(recipe["rank"] if rank is None else rank)
+    delta = float(recipe["delta"] if delta is None else delta)
+    methods = [x.name for x in all_methods()] if method == "all" else [method]
+    rows = []
+    for m in methods:
+        row = estimate_memory(cfg, m, rank, delta, optimizer=optimizer, layerwise=layerwise,
+                              index_dtype=index_dtype, batch_size=batch_size, seq_len=seq_len,
+                              activation_checkpointing=activation_checkpointing, device=device)
+        row["size"] = short
+        if measure:
+            mcfg = MethodConfig(name=m, rank=rank if row["rank"] is None else row["rank"], delta=delta,
+                                index_dtype=index_dtype)
+            try:
+                meas = measure_memory(cfg, mcfg, optimizer=optimizer, layerwise=layerwise, batch_size=batch_size,
+                                      seq_len=seq_len, device=device, precision="bf16-pure",
+                                      activation_checkpointing=activation_checkpointing)
+            except UserError as e:  # a setting the core refuses: keep the estimate row
+                row.update(measured_gb=None, measure_kind=None, ratio=None, measure_error=str(e))
+            else:
+                row.update(measured_gb=meas["measured_gb"], measure_kind=meas["measure_kind"],
+                           ratio=meas["measured_gb"] / row["full_total_gb"])
+        rows.append(row)
+    return rows

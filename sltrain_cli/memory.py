@@ -19,8 +19,8 @@ method)``: shapes only, nothing is allocated, so 7B takes a fraction of a second
   7B peaks (Figure 3: 67.4 / 29.4 / 22 / 18.3 GB) within 1-7%. Its 350M and 1B peaks are 1.2-2.2x ours;
   activations at batch 1 cannot explain that, and the paper does not give the setup of those runs.
 
-The default (rank, delta) of a size is its ``conf/experiment/paper_<size>.yaml`` preset. ``memory_rows`` is
-what ``sltrain memory-estimate`` prints; the measurement (``measure_memory``) lives in measure.py.
+The default (rank, delta) of a size is its ``conf/experiment/paper_<size>.yaml`` preset. ``memory_rows``
+(measure.py) is what ``sltrain memory-estimate`` prints, estimates beside measurements.
 """
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
+from .choices import optim_name
 from .configs import (
     TARGET_MODULES,
     ConfigError,
@@ -38,14 +39,14 @@ from .configs import (
     ModelConfig,
     OptimName,
     UserError,
-    optim_name,
 )
 from .core.convert import method_rank_limit
+from .core.kernel_choice import choose_kernel
 from .core.model import LOSS_CHUNK_LOGITS, LOSS_CHUNK_MIN
 from .core.optim import BNB_BLOCKSIZE, BNB_MIN_8BIT_SIZE
-from .core.sparse_kernels import choose_kernel
-from .measure import GB, measure_device, measure_memory
 from .methods import all_methods, get_method, method_names
+
+GB = 1e9  # 1G = 1e9 B, the paper's convention
 
 # Sizes without a conf/experiment/paper_<size>.yaml preset (the paper trains none of them) take our rule:
 # rank hidden_size // 4, delta 0.03. One exception: 3b has always used rank 768 (its hidden/4 is 640).
@@ -392,41 +393,3 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
-def memory_rows(size: str, method: str = "all", rank: Optional[int] = None, delta: Optional[float] = None,
-                optimizer: str = "adamw", layerwise: bool = False, index_dtype: str = "int64",
-                batch_size: int = 1, seq_len: int = 256, activation_checkpointing: bool = False,
-                measure: bool = False, device: Optional[str] = None) -> List[dict]:
-    """One estimate row per method (``method='all'``: every method, in display order).
-
-    rank / delta default to ``default_recipe`` (the size's paper preset). With ``measure`` each row also
-    gets ``measured_gb`` (a few bf16-pure training steps of the real model on ``device``, measure.py),
-    ``measure_kind`` and ``ratio`` = measured / full_total_gb (the estimate is then made for the measuring
-    device). ``device`` None: cuda when available for measuring; estimates alone assume cuda (the paper's).
-    """
-    device = measure_device(device) if measure else device or "cuda"  # measuring: checked before any row
-    cfg = load_model_config(size)
-    short = _short(cfg.name)
-    recipe = default_recipe(cfg)
-    rank = int(recipe["rank"] if rank is None else rank)
-    delta = float(recipe["delta"] if delta is None else delta)
-    methods = [x.name for x in all_methods()] if method == "all" else [method]
-    rows = []
-    for m in methods:
-        row = estimate_memory(cfg, m, rank, delta, optimizer=optimizer, layerwise=layerwise,
-                              index_dtype=index_dtype, batch_size=batch_size, seq_len=seq_len,
-                              activation_checkpointing=activation_checkpointing, device=device)
-        row["size"] = short
-        if measure:
-            mcfg = MethodConfig(name=m, rank=rank if row["rank"] is None else row["rank"], delta=delta,
-                                index_dtype=index_dtype)
-            try:
-                meas = measure_memory(cfg, mcfg, optimizer=optimizer, layerwise=layerwise, batch_size=batch_size,
-                                      seq_len=seq_len, device=device, precision="bf16-pure",
-                                      activation_checkpointing=activation_checkpointing)
-            except UserError as e:  # a setting the core refuses: keep the estimate row
-                row.update(measured_gb=None, measure_kind=None, ratio=None, measure_error=str(e))
-            else:
-                row.update(measured_gb=meas["measured_gb"], measure_kind=meas["measure_kind"],
-                           ratio=meas["measured_gb"] / row["full_total_gb"])
-        rows.append(row)
-    return rows

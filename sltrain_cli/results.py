@@ -9,7 +9,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import pandas as pd
 from rich.console import Console
@@ -57,6 +57,24 @@ def write_table(rows: Iterable[Mapping] | pd.DataFrame, stem: Path | str,
     atomic_write(stem.with_suffix(".csv"), df.to_csv(index=False))
     atomic_write(stem.with_suffix(".md"), markdown(df) + "\n")
     return df
+
+
+def show_rows(rows: List[dict], fmt: str, out: Optional[Path], view: Callable[[dict], dict], title: str) -> None:
+    """A command's rows: written to ``out`` (.csv, .json, else Markdown) when given, and printed as ``fmt``: json,
+    csv, md, or a rich table of ``view(row)`` (a narrower view for the terminal)."""
+    df = to_frame(rows)
+    if out is not None:
+        text = {".csv": lambda: df.to_csv(index=False), ".json": lambda: json.dumps(rows, indent=2) + "\n"}.get(
+            Path(out).suffix, lambda: markdown(df) + "\n")()
+        atomic_write(out, text)
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+    elif fmt == "csv":
+        print(df.to_csv(index=False), end="")
+    elif fmt == "md":
+        print(markdown(df))
+    else:
+        print_table([view(r) for r in rows], title=title)
 
 
 def markdown(df: pd.DataFrame) -> str:

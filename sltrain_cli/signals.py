@@ -29,6 +29,10 @@ class Interrupted(KeyboardInterrupt):
     def exit_code(self) -> int:
         return 128 + self.signum
 
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
 
 class StopSignal:
     """Records SIGINT / SIGTERM / SIGUSR1. In the abort phase (the start) a signal raises Interrupted; after

@@ -1,8 +1,12 @@
-"""summary.json: the schema of a run's summary and its row in results.csv (plain Python: the training runtime writes
-it, the presentation modules read it)."""
+"""summary.json: the schema of a run's summary, how it is written (a resumed run keeps one record with its
+segments) and its row in results.csv (plain Python: the training runtime writes it, the presentation modules
+read it)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, List, Optional, TypedDict
+
+from .files import read_summary, write_json
 
 
 class RunSummary(TypedDict, total=False):
@@ -75,3 +79,28 @@ SUMMARY_ROW_KEYS = ("model", "method", "rank", "delta", "params_total", "params_
 def summary_row(summary: RunSummary) -> dict:
     """The row of results.csv for one run."""
     return {"run": summary.get("run"), **{k: summary.get(k) for k in SUMMARY_ROW_KEYS}}
+
+
+def write_summary(run_dir: Path, summary: RunSummary) -> None:
+    """summary.json; a resumed run keeps its first segment's start, argv and the peak over all its segments,
+    and lists every segment."""
+    try:
+        earlier = read_summary(run_dir) or {}
+    except ValueError:
+        earlier = {}
+    segment = {k: summary.get(k) for k in SEGMENT_KEYS}
+    if earlier and summary.get("resumed_from_step") is not None:
+        segments = [*earlier.get("segments", [{k: earlier.get(k) for k in SEGMENT_KEYS}]), segment]
+        for key in ("start_time", "argv"):
+            if earlier.get(key) is not None:
+                summary[key] = earlier[key]
+        peaks = [s.get("peak_mem_bytes") for s in segments if s.get("peak_mem_bytes") is not None]
+        summary["peak_mem_bytes"] = max(peaks) if peaks else summary.get("peak_mem_bytes")
+    else:
+        segments = [segment]
+    summary["segments"] = segments
+    write_json(run_dir / "summary.json", summary)
+
+
+SEGMENT_KEYS = ("start_time", "end_time", "argv", "pid", "hostname", "resumed_from_step", "steps", "status",
+                "peak_mem_bytes", "train_time_s")

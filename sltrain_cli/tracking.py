@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -179,3 +180,18 @@ def _reachable(host: str, port: int, timeout: float = 2.0) -> bool:
 
 
 _START = {"tensorboard": _TensorBoard, "wandb": _WandB}  # the names configs.LOGGERS allows, besides jsonl
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """Peak memory in bytes and what it measures."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
+    # VmHWM is this process's own high-water mark; ru_maxrss would also carry the RSS of the parent that
+    # forked us (Linux keeps it across exec), which inflates every trial a sweep starts.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024, "cpu_peak_rss"
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_peak_rss"

@@ -20,7 +20,6 @@ import dataclasses
 import errno
 import json
 import math
-import resource
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -47,7 +46,6 @@ from .files import (
     atomic_write,
     json_line,
     read_summary,
-    write_json,
     write_overrides,
 )
 from .methods import get_method
@@ -62,27 +60,12 @@ from .runs import (
 )
 from .signals import Interrupted, StopSignal
 from .state import ResumeBundle
-from .summary import RunSummary
+from .summary import RunSummary, write_summary
 from .tokenizer import build_tokenizer
-from .tracking import Trackers, flops_per_token, memory_now, peak_flops, run_metadata
+from .tracking import Trackers, flops_per_token, memory_now, peak_flops, peak_memory, run_metadata
 
 
 # ----------------------------------------------------------------------------------------- pieces
-def peak_memory(device: torch.device) -> tuple[int, str]:
-    """Peak memory in bytes and what it measures."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
-    # VmHWM is this process's own high-water mark; ru_maxrss would also carry the RSS of the parent that
-    # forked us (Linux keeps it across exec), which inflates every trial a sweep starts.
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024, "cpu_peak_rss"
-    except OSError:
-        pass
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_peak_rss"
-
-
 def estimated_memory_gb(model_cfg: ModelConfig, method_cfg) -> Optional[float]:
     """The paper-convention estimate (parameters + Adam state, bf16) for this model and method."""
     from .memory import estimate_memory
@@ -202,7 +185,7 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
                 lock = lock or open_run_dir(run_dir, fresh=resume_from is None)
                 if resume_from is not None:  # what the run had reached stays described
                     summary = {**(read_summary(run_dir) or {}), **summary}
-                _write_summary(run_dir, summary)
+                write_summary(run_dir, summary)
             except (OSError, UserError) as write_err:
                 print(f"summary.json not written: {write_err}", flush=True)
         return summary
@@ -223,40 +206,9 @@ def _stopped_before_training(cfg: RunConfig, run_dir: Path, resume_from: Optiona
     return {"command": "pretrain", "run": run_dir.name, "run_dir": str(run_dir), "model": cfg.model.name,
             "method": cfg.method.name.value, "world_size": world_size,
             "steps": step_of(resume_from) if resume_from else 0, "status": "interrupted", "exit_code": err.exit_code,
-            "signal": signal_name(err.signum), "last_checkpoint": str(resume_from) if resume_from else None,
+            "signal": err.name, "last_checkpoint": str(resume_from) if resume_from else None,
             "resumed_from_step": step_of(resume_from) if resume_from else None, "val_ppl": None, "val_loss": None,
             "end_time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-def signal_name(signum: int) -> str:
-    import signal
-
-    return signal.Signals(signum).name
-
-
-def _write_summary(run_dir: Path, summary: RunSummary) -> None:
-    """summary.json; a resumed run keeps its first segment's start, argv and the peak over all its segments,
-    and lists every segment."""
-    try:
-        earlier = read_summary(run_dir) or {}
-    except ValueError:
-        earlier = {}
-    segment = {k: summary.get(k) for k in SEGMENT_KEYS}
-    if earlier and summary.get("resumed_from_step") is not None:
-        segments = [*earlier.get("segments", [{k: earlier.get(k) for k in SEGMENT_KEYS}]), segment]
-        for key in ("start_time", "argv"):
-            if earlier.get(key) is not None:
-                summary[key] = earlier[key]
-        peaks = [s.get("peak_mem_bytes") for s in segments if s.get("peak_mem_bytes") is not None]
-        summary["peak_mem_bytes"] = max(peaks) if peaks else summary.get("peak_mem_bytes")
-    else:
-        segments = [segment]
-    summary["segments"] = segments
-    write_json(run_dir / "summary.json", summary)
-
-
-SEGMENT_KEYS = ("start_time", "end_time", "argv", "pid", "hostname", "resumed_from_step", "steps", "status",
-                "peak_mem_bytes", "train_time_s")
 
 
 @dataclasses.dataclass
@@ -437,6 +389,6 @@ def _finish(summary: RunSummary, status: str, done: int, val: Optional[dict], la
         summary.update({"exit_code": 3, "diverged_step": done, "diverged_reason": reason})
     if rt.is_main:
         try:
-            _write_summary(run_dir, summary)
+            write_summary(run_dir, summary)
         except OSError as err:  # a full disk must not hide the run's real outcome
             print(f"summary.json not written: {err.strerror}", flush=True)

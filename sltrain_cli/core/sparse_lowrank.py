@@ -9,7 +9,8 @@ random by default) and stored as flat row-major ``indices`` (a buffer, no gradie
 By Proposition 1 of the paper, BA + S is full rank with high probability for delta = Omega(log n / n), while the
 number of trained numbers is ``(in + out) * rank + nnz`` instead of ``in * out``.
 
-How it runs: two kernels compute the same function (``sparse_kernels.py`` has both and the cost model).
+How it runs: two kernels compute the same function (``sparse_kernels.py`` has both; ``kernel_choice.py`` the cost
+model behind kernel="auto").
 ``compose`` (the paper's) builds the dense W for one dense matmul and drops it; ``factored`` never builds W
 (``y = (x A^T)(s B)^T + x S^T`` with S as a CSR sparse-dense product, the support's CSR structure cached on the
 layer). Neither keeps an (out, in) tensor between forward and backward: the layer's persistent memory (weights,
@@ -31,7 +32,8 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from .sparse_kernels import KERNELS, CsrCache, _ComposeFn, _FactoredFn, choose_kernel
+from .kernel_choice import KERNELS, choose_kernel
+from .sparse_kernels import CsrCache, _ComposeFn, _FactoredFn
 
 SUPPORT_KINDS = ("random", "row_balanced", "block", "top")
 
