@@ -26,7 +26,7 @@ def _pretrain(out_dir, *extra):
     overrides = tiny_overrides(out_dir, *extra)
     cfg = load_config(overrides)
     run_dir = run_dir_for("pretrain", cfg, overrides)
-    assert train(cfg, run_dir, overrides, progress=False)["status"] == "completed"
+    assert train(cfg, run_dir, overrides)["status"] == "completed"
     return run_dir
 
 
@@ -56,6 +56,7 @@ def test_arguments(tmp_path):
     assert result.exit_code == 2 and "from" in result.output
 
 
+@pytest.mark.slow  # several trial processes: ~19 s
 def test_seeds_study(tmp_path, cache_dir):
     console, buf = _console()
     rows = run_study(tiny_overrides(tmp_path, "study=seeds", "n=2", *SMALL), console=console)
@@ -72,6 +73,7 @@ def test_seeds_study(tmp_path, cache_dir):
     assert [d.strip() for d in diff] == ["support_seed: 0", "run_name: support_seed=0"]
 
 
+@pytest.mark.slow  # the module's `runs` fixture trains two runs first
 def test_pruning_study(runs, tmp_path):
     full, _ = runs
     console, buf = _console()
@@ -105,6 +107,7 @@ def test_strategy_study(tmp_path, cache_dir):
     assert (folder / "pretrain" / "warmup=full" / "summary.json").is_file()
 
 
+@pytest.mark.slow  # the module's `runs` fixture trains two runs first
 def test_spectrum_study(runs, tmp_path):
     full, slt = runs
     console, _ = _console()

@@ -30,6 +30,7 @@ def _lines(output: str) -> list:
 
 
 # ------------------------------------------------------------------------------ 1. an installed wheel works
+@pytest.mark.slow  # pip wheel + pip install into a folder, then a subprocess: ~3-4 s
 def test_wheel_ships_conf_and_composes_outside_the_checkout(tmp_path):
     src = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
@@ -236,6 +237,7 @@ def _python(code: str, **kw) -> subprocess.CompletedProcess:
                           env=env, cwd=ROOT, **kw)
 
 
+@pytest.mark.slow  # a Python subprocess importing torch: ~3 s
 def test_measure_prints_no_profiler_lines():
     out = _python("""
         from sltrain_cli.configs import MethodConfig, ModelConfig
@@ -267,6 +269,7 @@ def test_ddp_wrap_warns_nothing_and_keeps_buffers_rank_local():
     assert sync == "False" and caught == "[]", out.stdout
 
 
+@pytest.mark.slow  # a Python subprocess importing torch: ~3 s
 def test_single_process_load_of_a_sharded_checkpoint_warns_nothing(tmp_path):
     out = _python(f"""
         import warnings
@@ -287,3 +290,25 @@ def test_single_process_load_of_a_sharded_checkpoint_warns_nothing(tmp_path):
     """)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("preset", group_options("experiment"))
+def test_list_reads_an_experiment_preset_as_hydra_composes_it(preset):
+    """`sltrain list` reads presets from their files (Hydra takes ~0.5 s a preset); the composition is the truth."""
+    from sltrain_cli.catalog import experiment_values
+
+    cfg = load_config([f"experiment={preset}"])
+    assert experiment_values(preset) == {
+        "model": cfg.model.name, "data": cfg.data.name.value, "method": cfg.method.name.value,
+        "rank": cfg.method.rank, "delta": cfg.method.delta, "steps": cfg.train.steps,
+        "batch": cfg.train.total_batch_size, "lr": cfg.optim.lr, "precision": cfg.train.precision.value}
+
+
+@pytest.mark.parametrize("argv", [["list"], ["pretrain", "--print-config"]])
+def test_listing_and_printing_a_config_load_no_torch(argv):
+    """What keeps `sltrain list` and --print-config near a second: they never import torch (5 s on a loaded core)."""
+    code = ("import sys\nfrom sltrain_cli.cli import app\n"
+            f"try:\n    app({argv!r})\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "assert 'torch' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-800:]

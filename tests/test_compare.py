@@ -2,6 +2,7 @@
 import json
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from sltrain_cli.cli import app
@@ -11,6 +12,7 @@ from helpers import tiny_overrides
 runner = CliRunner()
 
 
+@pytest.mark.slow  # three tiny pretrains: ~3 s
 def test_compare_two_runs_and_the_best_per_method(tmp_path, cache_dir):
     for name, extra in (("a", ["method=sltrain", "lr=0.001"]), ("b", ["method=sltrain", "lr=0.003"]),
                         ("c", ["method=lowrank", "lr=0.003"])):

@@ -134,6 +134,7 @@ def test_to_yaml_round_trips_with_help_comments(overrides):
     assert all(" #" not in line for line in lines if not line.lstrip().startswith("#"))
 
 
+@pytest.mark.slow  # a Python subprocess: ~2 s (test-fast: test_structure's [train] import check)
 def test_core_imports_no_cli_frameworks():
     code = ("import sys, sltrain_cli.core.model, sltrain_cli.core.sparse_lowrank, sltrain_cli.core.convert, "
             "sltrain_cli.core.optim, sltrain_cli.core.galore, sltrain_cli.core.relora, sltrain_cli.core.lowrank\n"

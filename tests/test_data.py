@@ -2,7 +2,9 @@
 import gzip
 import json
 import math
-import time
+import socket
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -128,27 +130,64 @@ def test_local_streaming(tmp_path, packing):
     assert r0.next_batch()[0].shape == r1.next_batch()[0].shape == (2, seq_len)
 
 
-def test_c4_offline_is_one_fast_line(monkeypatch, tok):
+def _hub_spy(monkeypatch, connect=False):
+    """Every way a c4 run could wait on the hub, recorded: a TCP connect (the reachability probe; made for real
+    only with ``connect``, else refused without touching the network) and a download (datasets' load_dataset,
+    transformers' from_pretrained: fakes that record and fail instead of waiting on the network)."""
+    calls = {"connect": [], "download": []}
+    real_connect = socket.create_connection
+
+    def create_connection(address, timeout=None, *args, **kwargs):
+        calls["connect"].append((tuple(address), timeout))
+        if connect:
+            return real_connect(address, timeout, *args, **kwargs)
+        raise ConnectionRefusedError(111, "refused by the test")
+
+    def download(what):
+        def call(*args, **kwargs):
+            calls["download"].append((what, args))
+            raise OSError(f"{what} called by the test")
+        return call
+
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    datasets = types.ModuleType("datasets")
+    datasets.load_dataset = download("load_dataset")
+    transformers = types.ModuleType("transformers")
+    transformers.AutoTokenizer = types.SimpleNamespace(from_pretrained=download("AutoTokenizer.from_pretrained"))
+    monkeypatch.setitem(sys.modules, "datasets", datasets)
+    monkeypatch.setitem(sys.modules, "transformers", transformers)
+    return calls
+
+
+def test_c4_offline_is_one_line_without_touching_the_network(monkeypatch, tok):
+    """HF_HUB_OFFLINE decides alone: no connection is tried and nothing is downloaded (what could hang)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     corpus = D.open_corpus(DataConfig(name="c4", packing=False))
+    calls = _hub_spy(monkeypatch)
     for call in (lambda: T.build_tokenizer(corpus, TokenizerConfig(), D.default_cache_root()),
                  lambda: D.build_datasets(corpus, tok, rows_per_step=4)):
-        start = time.monotonic()
         with pytest.raises(UserError) as err:
             call()
-        assert time.monotonic() - start < 10  # a behaviour bound: no hang on an unreachable hub
         msg = str(err.value)
         assert "\n" not in msg and "data=sotu" in msg and "data=local" in msg
+        assert "HF_HUB_OFFLINE is set" in msg, msg
+    assert calls == {"connect": [], "download": []}
 
 
-def test_c4_unreachable_endpoint_fails_fast(monkeypatch):
+def test_c4_unreachable_endpoint_is_one_bounded_probe(monkeypatch):
+    """An unreachable HF_ENDPOINT: one TCP probe of that host and port with a timeout of a few seconds, then the
+    one-line error naming it; no download is tried (datasets and transformers retry for minutes)."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused at once
-    start = time.monotonic()
-    with pytest.raises(UserError, match="data=sotu"):
+    calls = _hub_spy(monkeypatch, connect=True)
+    with pytest.raises(UserError, match="data=sotu") as err:
         T.build_tokenizer(D.open_corpus(DataConfig(name="c4")), TokenizerConfig(), D.default_cache_root())
-    assert time.monotonic() - start < 10
+    assert "cannot connect to 127.0.0.1:9" in str(err.value), err.value
+    assert [address for address, _ in calls["connect"]] == [("127.0.0.1", 9)], calls
+    timeout = calls["connect"][0][1]
+    assert timeout is not None and 0 < timeout <= 5, timeout  # a bounded probe, not the OS's minutes-long default
+    assert calls["download"] == []
 
 
 def test_bpe_and_token_caches_are_reused(tmp_path, monkeypatch):

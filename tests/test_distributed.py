@@ -14,6 +14,10 @@ from sltrain_cli.runs import load_run
 
 from helpers import tiny_overrides
 
+# every test launches torchrun (two Python processes importing torch) and trains: 7-40 s each on 2 busy cores.
+# The in-process DDP wrap is checked by test_cli.test_ddp_wrap_warns_nothing_and_keeps_buffers_rank_local.
+pytestmark = pytest.mark.slow
+
 
 def _run(out, nproc, *extra, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -13,6 +13,8 @@ from sltrain_cli.runs import load_run
 from helpers import tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+# Everything on the `runs` fixture is slow; test-fast keeps test_generation_stops_at_eos here, and the CLI export
+# of a run in test_fault_matrix.test_damaged_bytes_are_found_and_the_previous_checkpoint_is_used_by_every_reader.
 
 runner = CliRunner()
 TEXTS = ["The state of the union is strong.", "We must act now, and we must act together!",
@@ -55,6 +57,7 @@ def _logits(model, ids):
     return out.logits.float()
 
 
+@pytest.mark.slow  # uses the module's `runs`: six tiny pretrains first (~8 s)
 @pytest.mark.parametrize("name", [*RUNS, "spm"])
 def test_export_loads_in_transformers_and_equals_the_run(exported, name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,6 +91,7 @@ def test_export_loads_in_transformers_and_equals_the_run(exported, name):
     assert f"{summary['tokens']:,}" in card and (run_dir / "config.yaml").read_text().strip() in card
 
 
+@pytest.mark.slow  # uses the module's `runs`: six tiny pretrains first (~8 s)
 def test_relora_export_holds_the_merged_weight_and_the_adapter(runs):
     """The run merged (W0 moved away from its init) and its live adapter is non-zero: the export needs both."""
     from sltrain_cli.runs import build_model
@@ -99,6 +103,7 @@ def test_relora_export_holds_the_merged_weight_and_the_adapter(runs):
     assert not torch.allclose(q.weight, q0.weight) and q.B.abs().max() > 0
 
 
+@pytest.mark.slow  # uses the module's `runs`: six tiny pretrains first (~8 s)
 def test_bf16_export(runs, tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
@@ -117,6 +122,7 @@ def test_bf16_export(runs, tmp_path):
     assert float((_logits(hf, ids) - _logits(run.model, ids)).abs().max()) < 0.1
 
 
+@pytest.mark.slow  # uses the module's `runs`: six tiny pretrains first (~8 s)
 def test_earlier_checkpoint_default_folder_and_reexport(runs):
     from transformers import AutoModelForCausalLM
 
@@ -136,6 +142,7 @@ def test_earlier_checkpoint_default_folder_and_reexport(runs):
     assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == [".lock"]  # the run's, no temp
 
 
+@pytest.mark.slow  # uses the module's `runs`: six tiny pretrains first (~8 s)
 def test_failed_export_leaves_no_half_folder(runs, tmp_path, monkeypatch):
     import safetensors.torch
 
@@ -158,6 +165,7 @@ def test_failed_export_leaves_no_half_folder(runs, tmp_path, monkeypatch):
     assert (good / "model.safetensors").read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["good"]
 
 
+@pytest.mark.slow  # uses the module's `runs`: six tiny pretrains first (~8 s)
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
 def test_exported_files_follow_the_umask(runs, tmp_path, umask):
     """Every exported file gets 0o666 & ~umask, as every other file the project writes (files.py); the weights
@@ -176,6 +184,7 @@ def test_exported_files_follow_the_umask(runs, tmp_path, umask):
     assert modes == dict.fromkeys(modes, oct(0o666 & ~umask))
 
 
+@pytest.mark.slow  # uses the module's `runs`: six tiny pretrains first (~8 s)
 def test_unconvertible_tokenizer_is_left_out_with_a_note(runs, tmp_path, monkeypatch):
     from sltrain_cli import export as export_mod
 
@@ -188,6 +197,7 @@ def test_unconvertible_tokenizer_is_left_out_with_a_note(runs, tmp_path, monkeyp
     assert result.exit_code == 0 and "note:" in result.output and "no transformers tokenizer" in result.output
 
 
+@pytest.mark.slow  # uses the module's `runs`: six tiny pretrains first (~8 s)
 def test_greedy_generate_is_deterministic_and_equals_transformers(exported):
     from transformers import AutoModelForCausalLM
 
@@ -207,6 +217,7 @@ def test_greedy_generate_is_deterministic_and_equals_transformers(exported):
     assert result.exit_code == 0 and result.output.strip() == a.strip()
 
 
+@pytest.mark.slow  # uses the module's `runs`: six tiny pretrains first (~8 s)
 def test_sampling_is_seeded_and_context_is_cropped(runs):
     from sltrain_cli.export import generate
 
@@ -246,6 +257,7 @@ def _one_line_error(result, *words):
         assert word in lines[0], lines[0]
 
 
+@pytest.mark.slow  # uses the module's `runs`: six tiny pretrains first (~8 s)
 def test_bad_input_is_one_line_exit_2(runs, tmp_path):
     _one_line_error(_invoke("export", "/nonexistent"), "RUN", "/nonexistent")
     _one_line_error(_invoke("export", runs["full"], "--dtype", "fp16"), "--dtype", "fp32", "bf16")

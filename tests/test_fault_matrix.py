@@ -68,6 +68,7 @@ def _mount_tmpfs(path, size_bytes) -> bool:
     return done.returncode == 0
 
 
+@pytest.mark.slow  # a tmpfs or an injected ENOSPC, then a resume: ~2 s
 def test_a_full_disk_is_one_line_exit_2_and_the_run_resumes_exactly(ref, tmp_path, monkeypatch):
     """Where a tmpfs can be mounted, the disk is really full. Elsewhere the write inside torch.save raises the
     OSError(ENOSPC) a full disk raises, and torch itself turns it into ``RuntimeError: [enforce fail at
@@ -257,7 +258,8 @@ def _kill_self_in(monkeypatch, target, attr, sig=signal.SIGTERM, at=1):
     monkeypatch.setattr(target, attr, wrapped)
 
 
-@pytest.mark.parametrize("moment", ["preparing data", "final evaluation", "writing summary", "after summary"])
+@pytest.mark.parametrize("moment", ["preparing data", pytest.param("final evaluation", marks=pytest.mark.slow),
+                                    pytest.param("writing summary", marks=pytest.mark.slow), "after summary"])
 def test_sigterm_at_the_edges_of_a_run_is_one_line_and_resumes(ref, monkeypatch, moment):
     out, _, ref_weights, ref_summary = ref
     name = "edge-" + moment.replace(" ", "-")
@@ -334,6 +336,7 @@ def test_resume_keeps_the_whole_runs_start_argv_and_peak_and_lists_segments(ref,
     assert after["peak_mem_bytes"] == max(s["peak_mem_bytes"] for s in after["segments"])
 
 
+@pytest.mark.slow  # subprocess runs: ~7 s
 def test_a_closed_stdout_does_not_decide_the_runs_status(tmp_path, cache_dir):
     name = f"piped-{uuid.uuid4().hex[:6]}"
     cmd = [sys.executable, "-m", "sltrain_cli", "pretrain", *_args(tmp_path, name, "steps=24")]  # notes follow

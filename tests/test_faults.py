@@ -95,6 +95,7 @@ def _moments(seed: int, count: int = 10):
     return picks
 
 
+@pytest.mark.slow  # ten interrupted + resumed runs per signal: ~17 s each
 @pytest.mark.parametrize("sig, code, seed", [(signal.SIGINT, 130, 1), (signal.SIGTERM, 143, 2)])
 def test_a_signal_at_any_moment_resumes_bitwise(reference, monkeypatch, sig, code, seed):
     out, ref_weights, ref_summary = reference
@@ -128,6 +129,7 @@ def test_a_second_signal_aborts_at_once(reference, monkeypatch):
     assert latest_checkpoint(run_dir / "checkpoints").name == "step_000004.pt"  # nothing saved after the abort
 
 
+@pytest.mark.slow  # three killed subprocess runs: ~6 s
 def test_sigkill_never_leaves_an_unloadable_latest_checkpoint(tmp_path, cache_dir):
     rng = random.Random(7)
     args = _args(tmp_path, "killed", "steps=400", "train.save_every=1", "train.eval_every=0",
@@ -150,6 +152,7 @@ def test_sigkill_never_leaves_an_unloadable_latest_checkpoint(tmp_path, cache_di
     assert len([p for p in (run_dir / "checkpoints").glob("step_*.pt")]) <= 3  # retention kept up
 
 
+@pytest.mark.slow  # two runs (test-fast: test_fault_matrix's damaged-bytes fallback)
 def test_a_truncated_latest_checkpoint_falls_back(reference):
     out, ref_weights, ref_summary = reference
     src = out / "pretrain" / "ref"
@@ -180,10 +183,16 @@ def test_resuming_with_another_config_is_refused(reference, change):
 
 
 def test_cadence_keys_may_change_on_resume(reference):
-    out, _, _ = reference
+    out, ref_weights, ref_summary = reference
     result = runner.invoke(app, ["pretrain", "--quiet", *_args(out, "ref", "train.log_every=1",
                                                                   "train.resume=true")])
     assert result.exit_code == 0, result.output
+    # accepted as a resume of the finished run (not refused, not a restart): nothing trained again, same numbers
+    assert f"step_{STEPS:06d}.pt at step {STEPS}" in result.output, result.output
+    weights, summary = _final(out / "pretrain" / "ref")
+    assert summary["status"] == "completed" and summary["resumed_from_step"] == STEPS
+    assert summary["steps"] == STEPS and summary["val_ppl"] == ref_summary["val_ppl"]
+    assert _same_weights(weights, ref_weights)
 
 
 def test_override_order_does_not_change_the_run(reference):
@@ -248,6 +257,7 @@ def test_resume_from_something_that_is_not_a_checkpoint(reference, tmp_path):
     assert result.exit_code == 2 and "train.resume" in result.output and "not a usable checkpoint" in result.output
 
 
+@pytest.mark.slow  # two runs saving every step: ~2-3 s
 def test_stale_temp_files_are_removed_and_old_checkpoints_pruned(reference):
     out, _, _ = reference
     run_dir = out / "pretrain" / "prune"
@@ -269,6 +279,7 @@ def test_files_get_the_users_umask(reference):
         assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
 
 
+@pytest.mark.slow  # three runs (test-fast: test_methods' layerwise run)
 def test_layerwise_runs_stop_between_steps_and_resume_bitwise(reference, monkeypatch):
     out, _, _ = reference
     extra = ("train.layerwise=true", "optim.grad_clip=0")

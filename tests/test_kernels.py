@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import sltrain_cli.core.sparse_kernels as sk
-from sltrain_cli.core.sparse_kernels import choose_kernel, kernel_cost
+from sltrain_cli.core.kernel_choice import choose_kernel, kernel_cost
 from sltrain_cli.core.sparse_lowrank import SparseLowRankLinear, choose_kernels
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
@@ -254,6 +254,7 @@ def _summary(run_dir):
     return json.loads((run_dir / "summary.json").read_text())
 
 
+@pytest.mark.slow  # three tiny pretrains: ~3 s (the kernels themselves are checked fast above)
 def test_factored_and_compose_runs_agree_and_auto_resumes_with_the_same_kernels(tmp_path, cache_dir):
     from typer.testing import CliRunner
 
@@ -299,6 +300,7 @@ def test_cuda_kernels_match_reference(kernel, dtype):
     assert choose_kernels(torch.nn.Sequential(_layer(kernel="auto").cuda()), 512, dtype, "cuda")
 
 
+@pytest.mark.slow  # torch.compile: ~9 s
 def test_compiled_blocks_train_like_eager_and_resume_either_way(tmp_path, cache_dir):
     # train.compile=true: the decoder blocks run under torch.compile (SparseLowRankLinear eager inside); the same loss
     # curve as eager to 1e-4, and a run may be resumed with the flag flipped (it only moves rounding)

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from sltrain_cli.configs import MethodConfig, ModelConfig, UserError
-from sltrain_cli.measure import measure_memory
-from sltrain_cli.memory import _paper_recipe, estimate_memory, load_model_config, memory_rows
+from sltrain_cli.measure import measure_memory, memory_rows
+from sltrain_cli.memory import _paper_recipe, estimate_memory, load_model_config
 
 # The LLaMA shapes the paper trains (60M-1B: Table 2, 7B: Table 4 of "SLTrain: a sparse plus low-rank approach for
 # parameter and memory efficient pretraining", Han et al., NeurIPS 2024, arXiv:2406.02214; the dims of GaLore's
@@ -372,12 +372,12 @@ def test_memory_rows_measure_tiny():
 
 
 def test_memory_rows_measure_refused_keeps_row(monkeypatch):
-    import sltrain_cli.memory as memory
+    import sltrain_cli.measure as measure
 
     def refuse(*args, **kwargs):
         raise UserError("method=galore: refused here")
 
-    monkeypatch.setattr(memory, "measure_memory", refuse)  # a setting the core refuses
+    monkeypatch.setattr(measure, "measure_memory", refuse)  # a setting the core refuses
     rows = memory_rows("tiny", "galore", 8, None, "adamw8bit", False, "int64", 1, 32, False, True, "cpu")
     assert rows[0]["measured_gb"] is None and "galore" in rows[0]["measure_error"]
     assert rows[0]["full_total_gb"] > 0

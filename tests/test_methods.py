@@ -72,7 +72,9 @@ class _Watch:
             self.act_dtypes.add(out.dtype)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+# 1-2 s each: test-fast keeps the paper's method; the other methods have their own fast unit-test modules
+@pytest.mark.parametrize("variant", [v if v == "sltrain" else pytest.param(v, marks=pytest.mark.slow)
+                                     for v in VARIANTS])
 def test_method_trains_and_resumes(tmp_path, cache_dir, monkeypatch, variant):
     if variant == "adamw8bit":
         pytest.importorskip("bitsandbytes", reason="optional extra (installed by make test)")

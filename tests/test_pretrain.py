@@ -159,6 +159,7 @@ def test_an_edited_checkpoint_changes_the_resumed_run(tiny_run, monkeypatch):
     assert not torch.equal(a["lm_head.weight"], b["lm_head.weight"])  # the edit travelled through training
 
 
+@pytest.mark.slow  # ~2 s; test-fast: test_faults' second-signal and rerun-over-interrupted runs
 def test_ctrl_c_saves_and_marks_interrupted(tiny_run, monkeypatch):
     run_dir, args, _ = tiny_run
     real = data_lib.build_datasets

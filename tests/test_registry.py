@@ -52,6 +52,7 @@ def test_no_source_file_outside_methods_branches_on_a_method_name():
     assert found == {k: [v] for k, v in NAMED_ON_PURPOSE.items()}, found
 
 
+@pytest.mark.slow  # four subprocesses on a copy of the package (a pretrain among them): ~13 s
 def test_a_new_method_is_one_module_and_one_yaml(tmp_path, cache_dir):
     """Copy the package, add methods/toy.py and conf/method/toy.yaml, and nothing else: the new method trains,
     is listed, is estimated and is refused where its module says so."""

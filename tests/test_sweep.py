@@ -61,6 +61,7 @@ def test_dry_run_lists_trials(tmp_path, cache_dir):
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.slow  # eight trial processes: ~40 s
 def test_sweep_runs_skips_and_records_failures(tmp_path, cache_dir):
     grid = ["rank=4,8", "delta=0.05,0.1", "steps=2", "train.num_threads=1"]  # 1 thread: 2 shared cores
     console, buf = _console()
@@ -122,11 +123,25 @@ def test_sweep_runs_skips_and_records_failures(tmp_path, cache_dir):
     assert "steps=3" in (changed.run_dir(folder) / "overrides.txt").read_text().splitlines()
 
 
+@pytest.mark.slow  # two trial processes: ~10 s
 def test_a_failed_trial_makes_the_sweep_exit_1(tmp_path, cache_dir):
     result = CliRunner().invoke(app, ["sweep", *tiny_overrides(tmp_path, "rank=4,100000", "steps=2")])
     assert result.exit_code == 1, result.output
+    # the exit code stands for this: the good trial ran to the end, the bad one is recorded failed with its reason,
+    # wrote no run folder, and the output says so
+    (folder,) = (tmp_path / "sweep").iterdir()
+    df = pd.read_csv(folder / "results.csv")
+    assert dict(zip(df["trial"], df["status"])) == {"rank=4": "completed", "rank=100000": "failed"}
+    error = df.set_index("trial").loc["rank=100000", "error"]
+    assert "method.rank" in error and "100000" in error, error
+    assert json.loads((folder / "pretrain" / "rank=4" / "summary.json").read_text())["status"] == "completed"
+    assert not (folder / "pretrain" / "rank=100000").exists()
+    assert "method.rank" in (folder / "logs" / "rank=100000.log").read_text()
+    assert "rank=100000 ... failed" in result.output and "1 completed" in result.output, result.output
+    assert "1 failed" in result.output, result.output
 
 
+@pytest.mark.slow  # two sweep processes: ~20 s
 def test_sigterm_reaches_the_trial_and_a_rerun_resumes_it(tmp_path, cache_dir):
     import signal
     import subprocess
