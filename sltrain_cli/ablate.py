@@ -41,7 +41,7 @@ from rich.console import Console
 from .ablate_pruning import dense_of, study_pruning, svd_split, target_modules
 from .checkpoint import latest_checkpoint
 from .compose import drop_keys, find_override, load_config, quote, run_name, split_override
-from .configs import ConfigError, Precision, UserError
+from .configs import ConfigError, Precision, SupportKind, UserError
 from .core.model import LlamaForCausalLM
 from .files import atomic_torch_save
 from .methods import all_methods, get_method
@@ -52,7 +52,7 @@ from .sweep import Trial, out_root, run_trials, validate_trials
 STUDIES = ("seeds", "pruning", "strategy", "spectrum")
 OWN_KEYS = {"seeds": ("n",), "pruning": ("from",), "strategy": ("warmup",), "spectrum": ("runs", "layer")}
 ALL_OWN = ("study", "n", "from", "runs", "warmup", "layer")
-SUPPORTS = ("random", "row_balanced", "block", "top")
+SUPPORTS = tuple(kind.value for kind in SupportKind)  # random first (the paper's), top last (needs a warm-up)
 
 
 # ----------------------------------------------------------------------------------------- arguments

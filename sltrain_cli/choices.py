@@ -39,9 +39,9 @@ MethodName = _accept_values(Enum("MethodName", {m.name: m.name for m in all_meth
 @_accept_values
 class SupportKind(str, Enum):
     random = "random"  # uniformly random positions (the paper)
-    top = "top"  # largest-magnitude entries of a given dense matrix (needs a reference weight)
-    block = "block"  # random square blocks of size method.block_size
     row_balanced = "row_balanced"  # random positions, the same count in every output row
+    block = "block"  # random square blocks of size method.block_size
+    top = "top"  # largest-magnitude entries of a given dense matrix (needs a reference weight)
 
 
 @_accept_values

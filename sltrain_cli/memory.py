@@ -40,7 +40,7 @@ from .configs import (
     OptimName,
     UserError,
 )
-from .core.convert import method_rank_limit
+from .core.convert import method_rank_limit, stored_tensors
 from .core.kernel_choice import choose_kernel
 from .core.model import LOSS_CHUNK_LOGITS, LOSS_CHUNK_MIN
 from .core.optim import BNB_BLOCKSIZE, BNB_MIN_8BIT_SIZE
@@ -143,7 +143,6 @@ def _inventory(cfg: ModelConfig, method: str, rank: int, delta: float, vocab: in
 @functools.lru_cache(maxsize=64)  # keyed by values: memory-estimate and the tests ask for the same model often
 def _build_inventory(cfg_values: tuple, method: str, rank: int, delta: float, targets: Tuple[str, ...]):
     import torch
-    import torch.nn as nn
 
     from .core.convert import apply_method
     from .core.model import LlamaForCausalLM
@@ -159,23 +158,12 @@ def _build_inventory(cfg_values: tuple, method: str, rank: int, delta: float, ta
     projected = {}
     if get_method(method).projects_moments:
         projected = {id(p): tuple(p.shape) for p in get_method(method).projected_params(model, method_cfg)}
-    out, seen, widest, sparse_layers = [], set(), 0, []
-    for path, module in model.named_modules():
-        plain = type(module) in (nn.Linear, nn.Embedding)
-        if isinstance(module, SparseLowRankLinear):
-            widest = max(widest, module.in_features * module.out_features)
-            sparse_layers.append((module.out_features, module.in_features, module.rank, module.nnz))
-        for name, p in module.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            kind = ("frozen" if not p.requires_grad else
-                    "lowrank" if name in ("A", "B") and not plain else
-                    "sparse_values" if name == "values" and not plain else "dense")
-            out.append(_Tensor(f"{path}.{name}", p.numel(), kind, p.requires_grad, projected.get(id(p))))
-        for name, b in module.named_buffers(recurse=False):
-            if name == "indices" and b is not None:
-                out.append(_Tensor(f"{path}.{name}", b.numel(), "indices", False))
+    out = [_Tensor(path, t.numel(), "frozen" if kind != "indices" and not t.requires_grad else kind,
+                   kind != "indices" and t.requires_grad, projected.get(id(t)))
+           for path, t, kind in stored_tensors(model)]  # the same inventory count_parameters sums
+    layers = [m for m in model.modules() if isinstance(m, SparseLowRankLinear)]
+    widest = max((m.in_features * m.out_features for m in layers), default=0)
+    sparse_layers = [(m.out_features, m.in_features, m.rank, m.nnz) for m in layers]
     return tuple(out), widest, tuple(sparse_layers)
 
 

@@ -63,28 +63,31 @@ def apply_method(model: nn.Module, method_cfg: MethodConfig) -> nn.Module:
     return model
 
 
-def count_parameters(model: nn.Module) -> dict:
-    """Numbers of stored values by kind (works on the meta device).
+def stored_tensors(model: nn.Module):
+    """(path, tensor, kind) of every value the model stores, each parameter once (works on the meta device).
 
-    dense: ordinary weights (embeddings, norms, lm_head, untouched or frozen linears); lowrank: A and B factors;
-    sparse_values: the values of sparse supports; indices: index entries of those supports (a buffer);
-    total = dense + lowrank + sparse_values (the paper's convention: indices excluded); trainable: requires_grad.
-    """
-    counts = dict(dense=0, lowrank=0, sparse_values=0, indices=0, total=0, trainable=0)
+    kind: dense (embeddings, norms, lm_head, untouched or frozen linears), lowrank (A and B factors), sparse_values
+    (the values of sparse supports) or indices (the index entries of those supports: a buffer)."""
     seen = set()
-    for module in model.modules():
+    for path, module in model.named_modules():
         plain = type(module) in (nn.Linear, nn.Embedding)
         for name, p in module.named_parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            kind = ("lowrank" if name in ("A", "B") and not plain else
-                    "sparse_values" if name == "values" and not plain else "dense")
-            counts[kind] += p.numel()
-            if p.requires_grad:
-                counts["trainable"] += p.numel()
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield f"{path}.{name}", p, ("lowrank" if name in ("A", "B") and not plain else
+                                            "sparse_values" if name == "values" and not plain else "dense")
         for name, b in module.named_buffers(recurse=False):
             if name == "indices" and b is not None:
-                counts["indices"] += b.numel()
+                yield f"{path}.{name}", b, "indices"
+
+
+def count_parameters(model: nn.Module) -> dict:
+    """Numbers of stored values by kind (``stored_tensors``); total = dense + lowrank + sparse_values (the
+    paper's convention: indices excluded); trainable: requires_grad."""
+    counts = dict(dense=0, lowrank=0, sparse_values=0, indices=0, total=0, trainable=0)
+    for _, t, kind in stored_tensors(model):
+        counts[kind] += t.numel()
+        if kind != "indices" and t.requires_grad:
+            counts["trainable"] += t.numel()
     counts["total"] = counts["dense"] + counts["lowrank"] + counts["sparse_values"]
     return counts

@@ -32,10 +32,11 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
+from ..choices import SupportKind
 from .kernel_choice import KERNELS, choose_kernel
 from .sparse_kernels import CsrCache, _ComposeFn, _FactoredFn
 
-SUPPORT_KINDS = ("random", "row_balanced", "block", "top")
+SUPPORT_KINDS = tuple(kind.value for kind in SupportKind)  # the config's choices, in the study's order
 
 
 # ------------------------------------------------------------------------------------------------ support
