@@ -250,6 +250,7 @@ def test_measure_prints_no_profiler_lines():
     assert "USDT" not in out.stderr and "STAGE" not in out.stderr, out.stderr
 
 
+@pytest.mark.slow  # a gloo process group in-process (~3.5 s); the torchrun tests cover DDP end to end
 def test_ddp_wrap_warns_nothing_and_keeps_buffers_rank_local():
     out = _python("""
         import os, tempfile, warnings

@@ -259,7 +259,8 @@ def _kill_self_in(monkeypatch, target, attr, sig=signal.SIGTERM, at=1):
 
 
 @pytest.mark.parametrize("moment", ["preparing data", pytest.param("final evaluation", marks=pytest.mark.slow),
-                                    pytest.param("writing summary", marks=pytest.mark.slow), "after summary"])
+                                    pytest.param("writing summary", marks=pytest.mark.slow),
+                                    pytest.param("after summary", marks=pytest.mark.slow)])
 def test_sigterm_at_the_edges_of_a_run_is_one_line_and_resumes(ref, monkeypatch, moment):
     out, _, ref_weights, ref_summary = ref
     name = "edge-" + moment.replace(" ", "-")
@@ -318,6 +319,7 @@ def test_a_completed_run_missing_from_results_csv_gets_its_row_back(ref):
     assert any(line.startswith("ref,") for line in table.read_text().splitlines())
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_whole_runs_start_argv_and_peak_and_lists_segments(ref, monkeypatch):
     out, _, _, _ = ref
     with monkeypatch.context() as m:
