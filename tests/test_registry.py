@@ -77,7 +77,7 @@ def test_a_new_method_is_one_module_and_one_yaml(tmp_path, cache_dir):
 
     listed = sltrain("list", "methods")
     assert listed.returncode == 0 and "toy" in listed.stdout and "a method added by one module" in listed.stdout
-    run = sltrain("pretrain", "--quiet", *tiny_overrides(tmp_path / "out", "method=toy", "run_name=toy"))
+    run = sltrain("pretrain", "--quiet", *tiny_overrides(tmp_path / "out", "method=toy", "run_name=toy", "steps=2"))
     assert run.returncode == 0, run.stderr[-2000:]
     summary = (tmp_path / "out/pretrain/toy/summary.json").read_text()
     assert '"method": "toy"' in summary and '"rank": 4' in summary and '"delta": null' in summary
