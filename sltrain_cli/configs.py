@@ -321,6 +321,9 @@ class RunConfig:
         # records such a trial as failed instead of refusing the whole grid.
         _check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
                f"must be <= model.max_seq_len={self.model.max_seq_len}, got {self.data.seq_len}")
+        ignored = self.tokenizer.path and self.tokenizer.kind == TokenizerKind.auto and self.data.name != DataName.c4
+        _check(not ignored, "tokenizer.path", f"is read by tokenizer.kind=pretrained or t5; kind=auto trains a BPE for "
+               f"data={self.data.name.value} and would ignore it: set tokenizer.kind=pretrained to use the path")
         if self.run_name is not None:
             name = self.run_name
             _check(bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name

@@ -162,3 +162,10 @@ def test_a_stored_config_with_a_bad_key_or_value_names_it(data, key):
 
     with pytest.raises(ConfigError, match=f"^{key}: "):
         from_container(data)
+
+
+def test_a_tokenizer_path_that_would_be_ignored_is_refused():
+    """tokenizer.kind=auto trains a BPE for local corpora: a tokenizer.path beside it used to be silently unused."""
+    with pytest.raises(ConfigError, match="^tokenizer.path: .*set tokenizer.kind=pretrained"):
+        load_config(["tokenizer.path=/some/spiece.model"])
+    assert load_config(["tokenizer.path=/some/spiece.model", "tokenizer.kind=pretrained"]).tokenizer.path
