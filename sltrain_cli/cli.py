@@ -5,7 +5,6 @@ seed. See `sltrain COMMAND --help`.
 """
 from __future__ import annotations
 
-import errno
 import functools
 import os
 from enum import Enum
@@ -79,7 +78,9 @@ def _user_errors(fn):
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
         except OSError as err:
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            from .files import is_disk_full
+
+            if not is_disk_full(err):
                 raise
             typer.echo(f"error: no space left on the device of {err.filename or 'the output'}; free some space "
                        "and run the command again", err=True)

@@ -143,23 +143,12 @@ def _scalar(hint, value, key: str):
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
     elif hint is int and not isinstance(value, bool):
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, int) or (isinstance(value, float) and value.is_integer()) or (
+                isinstance(value, str) and _parses(int, value)):
             return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
     elif hint is float and not isinstance(value, bool):
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) or (isinstance(value, str) and _parses(float, value)):
             return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
     elif hint is str and not isinstance(value, (dict, list)):
         return value if isinstance(value, str) else str(value)
     kind = getattr(hint, "__name__", str(hint))

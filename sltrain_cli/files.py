@@ -10,6 +10,7 @@ serialises read-modify-write updates of a shared table (results.csv).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -77,6 +78,11 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def is_disk_full(err: OSError) -> bool:
+    """No space left on the device, or the user's quota used up."""
+    return err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def finite(obj: Any) -> Any:

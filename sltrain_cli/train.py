@@ -17,7 +17,6 @@ with status ``diverged`` and keeps the last good checkpoint. The run folder is l
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import math
 import time
@@ -44,6 +43,7 @@ from .core.sparse_lowrank import choose_kernels
 from .evaluate import evaluate_ppl
 from .files import (
     atomic_write,
+    is_disk_full,
     json_line,
     read_summary,
     write_overrides,
@@ -186,11 +186,11 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
                 if resume_from is not None:  # what the run had reached stays described
                     summary = {**(read_summary(run_dir) or {}), **summary}
                 write_summary(run_dir, summary)
-            except (OSError, UserError) as write_err:
+            except (OSError, UserError, ValueError) as write_err:  # ValueError: an unreadable summary.json
                 print(f"summary.json not written: {write_err}", flush=True)
         return summary
     except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(err):
             raise disk_full_error(run_dir, None, resume_from) from None
         raise
     finally:
@@ -354,7 +354,7 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
     except Interrupted:  # a second signal: nothing more is saved
         status = "interrupted"
     except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):  # torch's own wording of it is turned back into OSError
+        if is_disk_full(err):  # torch's own wording of it is turned back into OSError (files.atomic_torch_save)
             summary["error"] = "no space left on device"
             raise disk_full_error(run_dir, done, bundle.last_checkpoint) from None
         raise

@@ -6,7 +6,6 @@ nothing (method=full). A new method overrides what it needs:
     keys            the ``method.*`` config fields it reads (besides name and warm_start); the others are marked
                     "(unused by method=...)" in config.yaml and blanked in tables
     check           its own ranges, as ConfigError("method.KEY", ...)
-    layer_rank      the rank its layers get (sparse: 0)
     swap            the layer that replaces one target nn.Linear (None: the target stays dense)
     projected_params  the weights whose Adam moments live in a projected space (GaLore)
     schedule        an lr schedule of its own (ReLoRA's jagged cosine), else None
@@ -46,9 +45,6 @@ class Method:
 
     def check(self, cfg) -> None:
         """Method-specific ranges of a MethodConfig (the shared ones are checked by MethodConfig itself)."""
-
-    def layer_rank(self, cfg) -> int:
-        return cfg.rank if self.uses("rank") else 0
 
     def swap(self, linear, path: str, cfg):
         """The module replacing the target ``linear`` (at ``path``), or None to keep it dense."""

@@ -17,7 +17,7 @@ class SLTrain(Method):
             raise ConfigError("method.rank", "sltrain needs rank >= 1 or delta > 0 (use method=sparse for rank 0)")
 
     def swap(self, linear, path, cfg):
-        return sparse_lowrank_layer(linear, path, cfg, self.layer_rank(cfg))
+        return sparse_lowrank_layer(linear, path, cfg, cfg.rank)
 
     def card_rows(self, cfg):
         return [("rank", cfg.rank), ("delta (support density)", cfg.delta), ("alpha", cfg.alpha)]
