@@ -305,6 +305,23 @@ def test_list_reads_an_experiment_preset_as_hydra_composes_it(preset):
         "batch": cfg.train.total_batch_size, "lr": cfg.optim.lr, "precision": cfg.train.precision.value}
 
 
+def test_list_applies_a_presets_recipe_for_its_own_method(tmp_path, monkeypatch):
+    """A preset whose method_recipes covers its default method: the listed lr is the recipe's, as composed."""
+    from sltrain_cli.catalog import experiment_values
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    (tmp_path / "conf/experiment/mine.yaml").write_text(
+        "# @package _global_\n# Mine.\ndefaults:\n  - override /model: tiny\ntrain:\n  steps: 7\n"
+        "method_recipes:\n  sltrain:\n    optim.lr: 0.123\n    method.rank: 3\n")
+    monkeypatch.setenv("SLTRAIN_CONF_DIR", str(tmp_path / "conf"))
+    cfg = load_config(["experiment=mine"])
+    assert (cfg.optim.lr, cfg.method.rank) == (0.123, 3)
+    assert experiment_values("mine") == {
+        "model": cfg.model.name, "data": cfg.data.name.value, "method": cfg.method.name.value,
+        "rank": cfg.method.rank, "delta": cfg.method.delta, "steps": cfg.train.steps,
+        "batch": cfg.train.total_batch_size, "lr": cfg.optim.lr, "precision": cfg.train.precision.value}
+
+
 @pytest.mark.parametrize("argv", [["list"], ["pretrain", "--print-config"]])
 def test_listing_and_printing_a_config_load_no_torch(argv):
     """What keeps `sltrain list` and --print-config near a second: they never import torch (5 s on a loaded core)."""

@@ -136,7 +136,8 @@ def test_to_yaml_round_trips_with_help_comments(overrides):
 @pytest.mark.parametrize("overrides", [[], *([f"experiment={e}"] for e in group_options("experiment")),
                                        *([f"method={m}"] for m in group_options("method")),
                                        ["train.precision=bf16-mixed", "data=local", "data.path=a.txt", "lr=1e-3",
-                                        "run_name=première", "train.loggers=[jsonl,tensorboard]"]])
+                                        "run_name=première", "train.loggers=[jsonl,tensorboard]"],
+                                       ["run_name='1e-3'", "tokenizer.cache_dir=on"]])  # strings YAML would retype
 def test_the_runtime_config_io_agrees_with_omegaconf(overrides):
     """config_io stores and reloads configs without OmegaConf; OmegaConf (what it replaced) is the reference."""
     import yaml
