@@ -11,6 +11,7 @@ swap, ...), never the whole RunConfig.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -130,8 +131,8 @@ class TokenizerConfig:
     """Which tokenizer turns the corpus into token ids; its vocabulary size sets model.vocab_size."""
 
     kind: TokenizerKind = field(default=TokenizerKind.auto, metadata={"help": "tokenizer family"})
-    path: Optional[str] = field(default=None, metadata={"help": "a tokenizer dir or spiece.model "
-                                                                "(kind=t5/pretrained)"})
+    path: Optional[str] = field(default=None, metadata={"help": "a tokenizer dir (spiece.model and/or "
+                                                                "tokenizer.json) or file (kind=t5/pretrained)"})
     vocab_size: int = field(default=8000, metadata={"help": "BPE vocabulary size in tokens (kind=bpe), >= 260"})
     cache_dir: Optional[str] = field(default=None, metadata={
         "help": "where trained BPE tokenizers are cached; null = $SLTRAIN_CACHE_DIR or ~/.cache/sltrain"})
@@ -147,7 +148,8 @@ class DataConfig:
 
     name: DataName = field(default=DataName.sotu, metadata={"help": "corpus"})
     path: Optional[str] = field(default=None, metadata={
-        "help": "data=local: a file, a directory or a glob (comma-separated for several)"})
+        "help": "data=local: a file, a directory or a glob (comma-separated for several); data=c4: a local "
+                "allenai/c4 mirror (the folder holding en/, en/ itself, or a glob), null = the hub"})
     text_field: str = field(default="text", metadata={"help": "field holding the text in .jsonl / .parquet"})
     encoding_errors: EncodingErrors = field(default=EncodingErrors.strict, metadata={
         "help": "local .txt / .jsonl that is not UTF-8: strict = stop, naming the file and byte offset; "
@@ -164,6 +166,9 @@ class DataConfig:
         "help": "streaming shuffle buffer in documents (C4 validation is shuffled with seed 42, as the harness)"})
     max_docs: Optional[int] = field(default=None, metadata={"help": "cap on documents read (quick runs); "
                                                                     "null = all"})
+    num_workers: Optional[int] = field(default=None, metadata={
+        "help": "threads tokenizing a stream (c4, local streaming) off the training thread; 0 = on it; "
+                "null = 4 on CUDA, 1 on CPU (never more than the cores)"})
 
     def __post_init__(self):
         self.name = _enum(self.name, DataName, "data.name")
@@ -175,6 +180,14 @@ class DataConfig:
             _check(self.max_docs >= 2, "data.max_docs", f"must be >= 2, got {self.max_docs}")
         if self.name == DataName.local:
             _check(bool(self.path), "data.path", "is required for data=local (a file, directory or glob)")
+        if self.num_workers is not None:
+            _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0 (or null = auto), got {self.num_workers}")
+
+    def workers(self, cuda: bool) -> int:
+        """data.num_workers, its null resolved for the device (0 for an in-memory corpus, which is tokenized once)."""
+        if self.num_workers is not None:
+            return self.num_workers
+        return min(4 if cuda else 1, max(1, (os.cpu_count() or 2) - 1))
 
 
 @dataclass

@@ -66,9 +66,9 @@ def evaluate_run(run: Path | str, overrides: Sequence[str] = ()) -> dict:
     model = run.model.to(device)
     # a local corpus the run did not train on is evaluated whole; otherwise the run's validation split
     data, trained_on = eval_cfg.data, stored.data
-    whole = data.name.value == "local" and not data.streaming and (trained_on.name, trained_on.path) != (
-        data.name, data.path)
     corpus = data_lib.open_corpus(data)
+    whole = corpus.whole_when_foreign and not corpus.streaming and (trained_on.name, trained_on.path) != (
+        data.name, data.path)
     if whole:
         val_set = data_lib.build_whole_corpus_set(corpus, tokenizer)
     else:

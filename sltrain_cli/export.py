@@ -121,7 +121,7 @@ def _spm_as_fast(tok):
 
 
 def save_hf_tokenizer(tok, directory: Path, max_len: int) -> Optional[str]:
-    """Save ``tok`` (sltrain_cli.tokenizer.Tokenizer) so AutoTokenizer.from_pretrained(directory) gives the same ids.
+    """Save ``tok`` (a data.tokenizer.Tokenizer) so AutoTokenizer.from_pretrained(directory) gives the same ids.
 
     Returns None when it does, else a one-line reason why the folder has no transformers tokenizer."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast

@@ -37,10 +37,10 @@ from .config_io import config_changes, from_container, read_config_file, to_cont
 from .configs import ConfigError, ModelConfig, Precision, RunConfig, UserError
 from .core.convert import apply_method
 from .core.model import LlamaForCausalLM
+from .data.tokenizer import Tokenizer, load_tokenizer
 from .files import FolderInUse, RunLock, read_summary, remove_stale_temps
 from .state import RESUME_FREE_KEYS
 from .summary import RunSummary
-from .tokenizer import Tokenizer, load_tokenizer
 
 
 def autocast_for(precision: Precision, device: torch.device):

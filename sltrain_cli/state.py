@@ -21,9 +21,9 @@ from .checkpoint import load_training_state, prune_checkpoints, save_training_st
 # runs. Anything else changes the numbers, so a resume with another value is refused.
 # (train.compile too: it fuses the same ops, so only rounding moves, as with train.num_threads.)
 RESUME_FREE_KEYS = ("train.log_every", "train.eval_every", "train.save_every", "train.eval_tokens",
-                    "train.num_threads", "train.device", "train.keep_checkpoints", "train.resume", "train.overwrite",
-                    "train.loggers", "train.peak_flops", "train.compile", "tokenizer.cache_dir", "out_dir", "run_name",
-                    "timestamp", "method_recipes")
+                    "train.num_threads", "data.num_workers", "train.device", "train.keep_checkpoints",
+                    "train.resume", "train.overwrite", "train.loggers", "train.peak_flops", "train.compile",
+                    "tokenizer.cache_dir", "out_dir", "run_name", "timestamp", "method_recipes")
 
 
 @dataclasses.dataclass
@@ -34,16 +34,18 @@ class TrainState:
     step: int = 0  # optimizer steps completed
     tokens: int = 0  # training tokens consumed (all ranks)
     train_time: float = 0.0  # seconds spent in training steps (evaluation and checkpoints excluded)
+    data_wait: float = 0.0  # of train_time, seconds the loop waited for its next batch
     data: dict = dataclasses.field(default_factory=dict)  # the training stream's position for the next step
     rng: dict = dataclasses.field(default_factory=dict)  # {"torch": the CPU generator state}
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "train_time": self.train_time, "data": self.data,
-                "rng": self.rng}
+                "rng": self.rng, "data_wait": self.data_wait}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens, self.train_time = int(state["step"]), int(state["tokens"]), float(state["train_time"])
         self.data, self.rng = state["data"], state["rng"]
+        self.data_wait = float(state.get("data_wait", 0.0))  # absent from checkpoints before it was measured
 
 
 class ResumeBundle:

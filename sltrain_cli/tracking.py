@@ -62,6 +62,7 @@ def run_metadata(device: torch.device, world_size: int) -> Dict[str, Any]:
         "sltrain_version": _version("sltrain"), "git_commit": _git_commit(), "python": sys.version.split()[0],
         "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
         "bitsandbytes": _version("bitsandbytes"), "transformers": _version("transformers"),
+        "datasets": _version("datasets"),  # a stream's document order (c4's shuffle) is a property of its version
         "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
         "device_count": torch.cuda.device_count() if cuda else 1, "world_size": world_size,
         "hostname": socket.gethostname(), "pid": os.getpid(), "argv": list(sys.argv),

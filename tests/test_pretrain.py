@@ -128,7 +128,7 @@ def test_resume_is_bitwise_identical(tiny_run, monkeypatch):
     assert _lines_up_to(resumed, 4) == _lines_up_to(run_dir, 4) and len(_lines_up_to(run_dir, 4)) == 3
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["tokens"] == json.loads((run_dir / "summary.json").read_text())["tokens"]
-    measured = lambda k: k in ("tokens_per_s", "elapsed_s") or k.endswith("_bytes")  # noqa: E731 - timings, memory
+    measured = lambda k: k in ("tokens_per_s", "elapsed_s", "data_wait_s") or k.endswith("_bytes")  # noqa: E731 - timings, memory
     strip = lambda rows: [{k: v for k, v in r.items() if not measured(k)} for r in rows]  # noqa: E731
     assert strip(_metric_rows(resumed)) == strip(_metric_rows(run_dir))
     a = load_checkpoint(run_dir / "checkpoints" / "step_000008.pt")["model"]

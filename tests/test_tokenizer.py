@@ -4,8 +4,8 @@ import json
 import pytest
 
 from sltrain_cli import data as D
-from sltrain_cli import tokenizer as T
 from sltrain_cli.configs import DataConfig, TokenizerConfig, UserError
+from sltrain_cli.data import tokenizer as T
 
 from helpers import SMALL
 

@@ -12,7 +12,8 @@ from urllib.parse import urlparse
 
 from ..configs import TokenizerConfig, UserError
 
-_OFFLINE_HINT = "use data=sotu (offline, the default) or data=local data.path=FILES"
+_OFFLINE_HINT = ("give data.path= a local allenai/c4 mirror (README: Reproduce the paper on your cluster), or use "
+                 "data=sotu (offline, the default) or data=local data.path=FILES")
 
 
 def default_cache_root() -> Path:

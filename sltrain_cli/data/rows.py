@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Iterable, Iterator, List, Sequence, Tuple
 import torch
 
 from ..files import atomic_torch_save
-from .corpora import Corpus
+from .corpus import Corpus
 
 if TYPE_CHECKING:
-    from ..tokenizer import Tokenizer
+    from .tokenizer import Tokenizer
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 _TOKEN_KEYS = ("train_tokens", "train_offsets", "val_tokens", "val_offsets")
@@ -72,21 +72,52 @@ def _padded_rows(tokens: torch.Tensor, offsets: torch.Tensor, eos: int, pad: int
     return ids, torch.where(pos <= keep[:, None], ids, -100)
 
 
+PREFIX_CHARS_PER_TOKEN = 8  # a document's prefix of this many characters per needed token is tokenized first
+PREFIX_MARGIN = 16  # tokens beyond the needed ones the prefix must give (the cut word's pieces are dropped)
+
+
+def encode_heads(tokenizer: Tokenizer, texts: Sequence[str], need: int) -> List[List[int]]:
+    """The first ``need`` token ids of each text, tokenizing a prefix of it: the text up to the last whitespace
+    before ``need * PREFIX_CHARS_PER_TOKEN`` characters. Pre-tokenization splits at whitespace, so the ids of a
+    prefix cut there are the whole text's ids up to the cut; a prefix giving fewer than need + PREFIX_MARGIN ids
+    (dense text) is tokenized whole instead. Same ids as ``encode(text)[:need]``, tested."""
+    limit = need * PREFIX_CHARS_PER_TOKEN
+    heads = []
+    for t in texts:
+        cut = max(t.rfind(" ", 0, limit), t.rfind("\n", 0, limit)) if len(t) > limit else -1
+        heads.append(t[:cut] if cut > 0 else t)
+    out = tokenizer.encode_batch(heads)
+    again = [i for i, (h, ids) in enumerate(zip(heads, out)) if h is not texts[i] and len(ids) < need + PREFIX_MARGIN]
+    for i, ids in zip(again, tokenizer.encode_batch([texts[i] for i in again]) if again else []):
+        out[i] = ids
+    return [ids[:need] for ids in out]
+
+
+def document_rows(tokenizer: Tokenizer, texts: Sequence[str], seq_len: int) -> List[Tuple[List[int], int]]:
+    """One row per document (the harness's rows): its first seq_len - 1 tokens, EOS, then pad; with the number of
+    real tokens (labels are -100 after them)."""
+    eos, pad = tokenizer.eos_id, tokenizer.pad_id
+    rows = []
+    for ids in encode_heads(tokenizer, texts, seq_len - 1):
+        ids = ids + [eos]
+        rows.append((ids + [pad] * (seq_len - len(ids)), len(ids)))
+    return rows
+
+
 def _stream_rows(texts: Iterable[str], tokenizer: Tokenizer, seq_len: int, packing: bool,
                  batch: int = 64) -> Iterator[Tuple[List[int], int]]:
     """Rows of a text stream as (seq_len ids, number of real tokens), packed or one document per row."""
-    eos, pad, buf = tokenizer.eos_id, tokenizer.pad_id, []
+    eos, buf = tokenizer.eos_id, []
     texts = iter(texts)
     while chunk := list(itertools.islice(texts, batch)):
+        if not packing:
+            yield from document_rows(tokenizer, chunk, seq_len)
+            continue
         for ids in tokenizer.encode_batch(chunk):
-            if packing:
-                buf += ids + [eos]
-                while len(buf) >= seq_len:
-                    yield buf[:seq_len], seq_len
-                    del buf[:seq_len]
-            else:
-                ids = ids[: seq_len - 1] + [eos]
-                yield ids + [pad] * (seq_len - len(ids)), len(ids)
+            buf += ids + [eos]
+            while len(buf) >= seq_len:
+                yield buf[:seq_len], seq_len
+                del buf[:seq_len]
 
 
 def _rows_to_batch(rows: Sequence[Tuple[List[int], int]]) -> Batch:

@@ -1,33 +1,21 @@
 """Training streams (in-memory and streaming, sharded by rank, resumable), the validation set, the unigram bar."""
 from __future__ import annotations
 
-import inspect
-import itertools
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..configs import ConfigError, DataConfig, DataName, UserError
+from ..configs import ConfigError, DataConfig, UserError
 from .cache import default_cache_root, digest
-from .corpora import Corpus, open_corpus
+from .corpus import Corpus
+from .pipeline import STREAM_SAMPLE_TOKENS, StreamingTrainStream
 from .rows import Batch, _packed_rows, _padded_rows, _rows_to_batch, _stream_rows, _tokenized_corpus, tokenize_documents
+from .sources import open_corpus
 
 if TYPE_CHECKING:
-    from ..tokenizer import Tokenizer
-
-C4_VAL_SEED = 42  # the GaLore harness shuffles the C4 validation split with seed 42 (train: data.seed, 42 in c4.yaml)
-STREAM_SAMPLE_TOKENS = 1 << 20  # training tokens a unigram model of a stream is fitted on
-
-
-def _shuffled(ds, seed: int, buffer_size: int):
-    kw = {}
-    if "max_buffer_input_shards" in inspect.signature(ds.shuffle).parameters:
-        # fill the buffer from one shard at a time (the classic behaviour): interleaving shards reads them
-        # on threads, and a parquet reader then sleeps 5 s at every shutdown (apache/arrow#45214)
-        kw["max_buffer_input_shards"] = 1
-    return ds.shuffle(seed=seed, buffer_size=buffer_size, **kw)
+    from .tokenizer import Tokenizer
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -72,6 +60,9 @@ class TrainStream:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos, "num_rows": self.num_rows}
 
+    def close(self) -> None:
+        """Nothing to stop (the rows are in memory); streams stop their reader threads."""
+
     def load_state_dict(self, state: dict) -> None:
         if state.get("num_rows", self.num_rows) != self.num_rows or "pos" not in state:
             raise UserError(f"data: cannot resume, the checkpoint's data position is for another corpus "
@@ -81,67 +72,6 @@ class TrainStream:
     def sample_tokens(self) -> torch.Tensor:
         """All real training tokens (for the unigram baseline)."""
         return self.ids[self.labels != -100]
-
-
-class StreamingTrainStream:
-    """A shuffled stream split across ranks with split_dataset_by_node; each rank reads its own share.
-    The state (epoch, rows this rank consumed in it) resumes by replaying the stream up to that row."""
-
-    def __init__(self, corpus: Corpus, tokenizer: Tokenizer, *, rows_per_step: int, rank: int, world_size: int):
-        self.corpus, self.tokenizer, self.cfg = corpus, tokenizer, corpus.cfg
-        self.rows_per_step, self.rank, self.world_size = rows_per_step, rank, world_size
-        self.per_rank = rows_per_step // world_size
-        self.name, self.seq_len, self.vocab_size = corpus.name, corpus.cfg.seq_len, tokenizer.vocab_size
-        self.num_tokens = self.num_docs = self.num_rows = None  # unknown for a stream
-        self.epoch, self.rows = 0, 0
-        self._it: Optional[Iterator] = None
-
-    def _open(self, epoch: int, skip: int) -> Iterator[Tuple[List[int], int]]:
-        from datasets.distributed import split_dataset_by_node
-
-        ds = _shuffled(self.corpus.stream("train"), self.cfg.seed, self.cfg.shuffle_buffer)
-        ds = split_dataset_by_node(ds, rank=self.rank, world_size=self.world_size)
-        ds.set_epoch(epoch)
-        texts = (t for t in self.corpus.texts(ds) if self.corpus.keep("train", t))
-        if not self.cfg.packing:  # one row per document: skip documents without tokenizing them
-            texts, skip = itertools.islice(texts, skip, None), 0
-        return itertools.islice(_stream_rows(texts, self.tokenizer, self.seq_len, self.cfg.packing), skip, None)
-
-    def next_batch(self) -> Batch:
-        rows = []
-        if self._it is None:
-            self._it = self._open(self.epoch, self.rows)
-        while len(rows) < self.per_rank:
-            row = next(self._it, None)
-            if row is None:
-                if self.rows == 0:
-                    raise ConfigError("data.seq_len", f"the {self.name} training stream of rank {self.rank} "
-                                                      f"yields no row of {self.seq_len} tokens")
-                self.epoch, self.rows = self.epoch + 1, 0
-                self._it = self._open(self.epoch, 0)
-                continue
-            rows.append(row)
-            self.rows += 1
-        return _rows_to_batch(rows)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "rows": self.rows}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "rows" not in state:
-            raise UserError(f"data: cannot resume a stream from an in-memory data position ({state})")
-        self.epoch, self.rows, self._it = int(state["epoch"]), int(state["rows"]), None
-
-    def sample_tokens(self, max_tokens: int = STREAM_SAMPLE_TOKENS) -> torch.Tensor:
-        """About max_tokens real tokens from the start of this rank's stream (the stream state is untouched)."""
-        rows, total = [], 0
-        for row in self._open(0, 0):
-            rows.append(row)
-            total += row[1]
-            if total >= max_tokens:
-                break
-        ids, labels = _rows_to_batch(rows) if rows else (torch.zeros(0, dtype=torch.long),) * 2
-        return ids[labels != -100]
 
 
 class ValSet:
@@ -185,12 +115,13 @@ class ValSet:
 
 
 def build_datasets(corpus: Union[Corpus, DataConfig], tokenizer: Tokenizer, *, rows_per_step: int, rank: int = 0,
-                   world_size: int = 1, cache_root: Optional[Union[str, Path]] = None
+                   world_size: int = 1, cache_root: Optional[Union[str, Path]] = None, num_workers: int = 0
                    ) -> Tuple[Union[TrainStream, StreamingTrainStream], ValSet]:
     """(training stream, validation set) of an opened corpus (a DataConfig is opened here). rows_per_step is
     the global batch in sequences; next_batch() returns this rank's rows_per_step // world_size of them.
     Token ids are cached under cache_root (runs pass ``cache.cache_root(tokenizer cfg)``; default:
-    $SLTRAIN_CACHE_DIR or ~/.cache/sltrain)."""
+    $SLTRAIN_CACHE_DIR or ~/.cache/sltrain). num_workers: tokenizer threads of a stream (0: the caller's thread;
+    runs pass ``data.workers(device)``)."""
     if rows_per_step < 1 or rows_per_step % world_size:
         raise ConfigError("train.total_batch_size", f"must be a positive multiple of the {world_size} processes, "
                                                     f"got {rows_per_step}")
@@ -200,13 +131,10 @@ def build_datasets(corpus: Union[Corpus, DataConfig], tokenizer: Tokenizer, *, r
         corpus = open_corpus(corpus)
     data_cfg = corpus.cfg
     if corpus.streaming:
-        val_ds = corpus.stream("validation")  # checks that the hub is reachable for C4
-        if data_cfg.name == DataName.c4:  # the harness evaluates on the validation split shuffled with seed 42
-            val_ds = _shuffled(val_ds, C4_VAL_SEED, data_cfg.shuffle_buffer)
-        val_texts = (t for t in corpus.texts(val_ds) if corpus.keep("validation", t))
+        val_texts = (t for t in corpus.texts(corpus.stream("validation")) if corpus.keep("validation", t))
         val = ValSet(corpus.name, rows=_stream_rows(val_texts, tokenizer, data_cfg.seq_len, data_cfg.packing))
-        return StreamingTrainStream(corpus, tokenizer, rows_per_step=rows_per_step, rank=rank,
-                                    world_size=world_size), val
+        return StreamingTrainStream(corpus, tokenizer, rows_per_step=rows_per_step, rank=rank, world_size=world_size,
+                                    num_workers=num_workers), val
     root = Path(cache_root).expanduser() if cache_root else default_cache_root()
     data = _tokenized_corpus(corpus, tokenizer, root)
     built = {}

@@ -1,11 +1,15 @@
 """Tokenizers: what turns a corpus's documents into the token ids the model reads.
 
   bpe          a byte-level BPE (GPT-2 style pre-tokenization, <pad>=0, <eos>=1) trained on the training split of
-               the opened corpus (sltrain_cli.data.corpora) once, then read from tokenizers/ under the cache root
+               the opened corpus once, then read from tokenizers/ under the cache root
                (tokenizer.cache_dir, else $SLTRAIN_CACHE_DIR or ~/.cache/sltrain; keyed by the corpus identity and
                the vocab size). The default for every corpus but c4.
-  t5           t5-base from the Hugging Face hub (the GaLore harness's tokenizer; the default for c4).
+  t5           t5-base (the GaLore harness's tokenizer; the default for c4): from tokenizer.path when given (a folder
+               holding spiece.model and/or tokenizer.json, or the file), else from the Hugging Face hub.
   pretrained   any tokenizer directory, tokenizer.json or SentencePiece .model at tokenizer.path.
+
+With kind t5, a folder holding spiece.model is read with sentencepiece itself: t5-base's 32,000 pieces, the
+vocabulary of the paper's configs (transformers' T5 tokenizer adds 100 <extra_id_N> sentinels, 32,100).
 
 ``Tokenizer`` puts one face over the three backends (`tokenizers`, transformers, sentencepiece);
 ``Tokenizer.save(dir)`` + ``load_tokenizer(dir)`` let eval-ppl reuse a run's tokenizer exactly.
@@ -18,12 +22,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, List, Optional, Sequence, Union
 
-from .configs import ConfigError, DataName, TokenizerConfig, TokenizerKind, UserError
-from .data.cache import digest, hub_unreachable, require_c4
-from .files import atomic_write
+from ..configs import ConfigError, TokenizerConfig, TokenizerKind, UserError
+from ..files import atomic_write
+from .cache import digest, hub_unreachable
 
 if TYPE_CHECKING:
-    from .data.corpora import Corpus
+    from .corpus import Corpus
 
 PAD, EOS = "<pad>", "<eos>"  # the BPE's special tokens (ids 0 and 1, as in T5)
 C4_TRAIN_DOCS_FOR_BPE = 20000  # documents of the C4 train stream a BPE is trained on (tokenizer.kind=bpe)
@@ -108,8 +112,9 @@ class Tokenizer:
         return f"Tokenizer({self.name!r}, backend={self.backend}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(path: Union[str, Path], key: str = "tokenizer.path") -> Tokenizer:
-    """A saved run tokenizer, a transformers tokenizer directory, a tokenizer.json, or a SentencePiece .model."""
+def load_tokenizer(path: Union[str, Path], key: str = "tokenizer.path", t5: bool = False) -> Tokenizer:
+    """A saved run tokenizer, a transformers tokenizer directory, a tokenizer.json, or a SentencePiece .model.
+    ``t5``: a folder holding spiece.model is read with sentencepiece itself, whatever else it holds."""
     path = Path(path).expanduser()
     if not path.exists():
         raise ConfigError(key, f"{path} does not exist")
@@ -125,7 +130,9 @@ def load_tokenizer(path: Union[str, Path], key: str = "tokenizer.path") -> Token
     name = meta.get("name", path.name)
     backend = meta.get("backend")
     if backend is None:
-        if path.is_file():
+        if t5 and path.is_dir() and (path / "spiece.model").is_file():  # t5's own model: 32,000 pieces
+            backend = "sentencepiece"
+        elif path.is_file():
             backend = "sentencepiece" if path.suffix == ".model" else "tokenizers" if path.suffix == ".json" else None
         elif (path / "tokenizer_config.json").is_file():
             backend = "transformers"
@@ -142,7 +149,7 @@ def load_tokenizer(path: Union[str, Path], key: str = "tokenizer.path") -> Token
         if backend == "sentencepiece":
             import sentencepiece
 
-            model = path if path.is_file() else sorted(path.glob("*.model"))[0]
+            model = path if path.is_file() else min(path.glob("*.model"), key=lambda p: p.name != "spiece.model")
             return Tokenizer("sentencepiece", sentencepiece.SentencePieceProcessor(model_file=str(model)), name, **ids)
         if backend == "transformers":
             from transformers import AutoTokenizer
@@ -198,15 +205,11 @@ def build_tokenizer(corpus: Corpus, tok_cfg: TokenizerConfig, cache_root: Path) 
     trained on the training split once and then read from tokenizers/ under cache_root
     (``sltrain_cli.data.cache_root(tok_cfg)`` in a run)."""
     data_cfg = corpus.cfg
-    kind = tok_cfg.kind
-    if kind == TokenizerKind.auto:
-        kind = TokenizerKind.t5 if data_cfg.name == DataName.c4 else TokenizerKind.bpe
-    if data_cfg.name == DataName.c4:
-        require_c4()  # fail on the data first: a tokenizer alone would not make c4 work offline
+    kind = TokenizerKind(corpus.default_tokenizer) if tok_cfg.kind == TokenizerKind.auto else tok_cfg.kind
     root = Path(cache_root)
     if kind in (TokenizerKind.t5, TokenizerKind.pretrained):
         if tok_cfg.path:
-            tok = load_tokenizer(tok_cfg.path)
+            tok = load_tokenizer(tok_cfg.path, t5=kind == TokenizerKind.t5)
         elif kind == TokenizerKind.pretrained:
             raise ConfigError("tokenizer.path", "is required for tokenizer.kind=pretrained "
                                                 "(a tokenizer directory or a spiece.model)")
