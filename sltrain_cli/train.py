@@ -171,6 +171,7 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
                                                             rank=rt.rank, world_size=rt.world_size,
                                                             cache_root=cache_root,
                                                             num_workers=cfg.data.workers(rt.device.type == "cuda"))
+            unigram = data_lib.unigram_perplexity(train_stream, val_set)  # reads the start of both splits
         if rt.is_main:
             lock = open_run_dir(run_dir, fresh=resume_from is None)
             atomic_write(run_dir / "config.yaml", to_yaml(cfg))
@@ -178,7 +179,7 @@ def train(cfg: RunConfig, run_dir: Path, overrides: Sequence[str] = (), progress
             tokenizer.save(run_dir / "tokenizer")
         distributed.barrier(rt)
         return _train_in(cfg, run_dir, rt, accum, fsdp, resume_from, warm_start, tokenizer, train_stream, val_set,
-                         progress, stop)
+                         unigram, progress, stop)
     except Interrupted as err:  # before the loop: the run folder keeps what it had (the checkpoint resumed from)
         summary = _stopped_before_training(cfg, run_dir, resume_from, err, rt.world_size)
         if rt.is_main:
@@ -268,11 +269,10 @@ def _summary_head(cfg: RunConfig, run_dir: Path, rt, parts: _Parts, unigram: Opt
 
 
 def _train_in(cfg: RunConfig, run_dir: Path, rt, accum: int, fsdp: bool, resume_from: Optional[Path],
-              warm_start: Optional[Path], tokenizer, train_stream, val_set, progress,
+              warm_start: Optional[Path], tokenizer, train_stream, val_set, unigram: float, progress,
               stop: StopSignal) -> RunSummary:
     """The loop proper, in a locked run folder."""
     tcfg, mcfg, device, method = cfg.train, cfg.method, rt.device, get_method(cfg.method.name)
-    unigram = data_lib.unigram_perplexity(train_stream, val_set)
     val_batches = val_set.batches(tcfg.eval_tokens, tcfg.micro_batch_size, rank=rt.rank, world_size=rt.world_size)
     parts = _build(cfg, rt, fsdp, tokenizer.vocab_size, warm_start)
     model, wrapped, optimizer, autocast = parts.model, parts.wrapped, parts.optimizer, parts.autocast

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import itertools
 import queue
 import threading
@@ -32,7 +33,8 @@ from .rows import Batch, _rows_to_batch, _stream_rows, document_rows
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
-STREAM_SAMPLE_TOKENS = 1 << 20  # training tokens a unigram model of a stream is fitted on
+STREAM_SAMPLE_TOKENS = 1 << 20  # training tokens a unigram model of a stream is fitted on,
+STREAM_SAMPLE_DOCS = 2048  # from at most this many documents (a short run reads no more than it trains on)
 CHUNK_DOCS = 64  # documents per tokenizer call
 _EPOCH_END = object()
 
@@ -110,17 +112,20 @@ class StreamingTrainStream:
                 continue
             for item in result:
                 docs += 1
-                if self.cfg.packing:
+                if self.cfg.packing:  # rows cut off the carry one at a time: it never holds a taken row
                     carry += item + [eos]
-                while (row := self._cut(carry) if self.cfg.packing else item) is not None:
-                    item, made = None, made + 1
+                    rows = iter(functools.partial(self._cut, carry), None)
+                else:
+                    rows = [item]  # None: another rank's document
+                for row in rows:
+                    made += 1
                     if skip_rows:
                         skip_rows -= 1
                         continue
                     if lo <= k < hi:
                         mine.append(row)
                     k += 1
-                    if k == self.rows_per_step:  # the carry holds no token of a row already taken
+                    if k == self.rows_per_step:
                         yield _rows_to_batch(mine), {"epoch": epoch, "docs": docs, "carry": list(carry)}
                         k, mine = 0, []
 
@@ -193,8 +198,10 @@ class StreamingTrainStream:
         self.state = new
 
     def sample_tokens(self, max_tokens: int = STREAM_SAMPLE_TOKENS) -> torch.Tensor:
-        """About max_tokens real tokens from the start of the training stream (the stream state is untouched)."""
+        """About max_tokens real tokens from the first STREAM_SAMPLE_DOCS documents of the training stream (the
+        stream state is untouched)."""
         texts = (t for t in self.corpus.texts(self.corpus.stream("train", 0)) if self.corpus.keep("train", t))
+        texts = itertools.islice(texts, STREAM_SAMPLE_DOCS)
         rows: List[Tuple[List[int], int]] = []
         total = 0
         for row in _stream_rows(texts, self.tokenizer, self.seq_len, self.cfg.packing):
