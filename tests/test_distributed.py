@@ -185,3 +185,21 @@ def test_sigterm_to_the_launcher_is_exit_143_on_every_rank_and_one_line(tmp_path
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM" and summary["world_size"] == 2
     assert latest_checkpoint(run_dir / "checkpoints").name == f"step_{summary['steps']:06d}.pt"
+
+
+def test_c4_mirror_two_processes_with_workers_match_one_and_resume(tmp_path, cache_dir, c4_mirror):
+    """The harness stream under torchrun: 2 ranks x 2 tokenizer threads train on the one-process run's global
+    batches (same losses), and a resume with another worker count continues identically."""
+    t5 = Path(__file__).resolve().parent / "assets" / "t5-base"
+    mirror = ("data=c4", f"data.path={c4_mirror}", f"tokenizer.path={t5}", "train.eval_tokens=300", "rank=8")
+    _run(tmp_path, 1, *mirror, "data.num_workers=0", "run_name=one")
+    _run(tmp_path, 2, *mirror, "data.num_workers=2", "run_name=two")
+    one, two = tmp_path / "pretrain" / "one", tmp_path / "pretrain" / "two"
+    _close(_losses(one), _losses(two))
+    part = tmp_path / "pretrain" / "part"
+    shutil.copytree(two, part)
+    (part / "checkpoints" / "step_000008.pt").unlink()
+    (part / "checkpoints" / LATEST).write_text("step_000004.pt\n")
+    proc = _run(tmp_path, 2, *mirror, "data.num_workers=1", "run_name=part", "train.resume=true")
+    _assert_resumed(proc, two, part, "step_000004.pt", 4)
+    _close(_losses(two), _losses(part), tol=0.0)
