@@ -5,63 +5,11 @@ from __future__ import annotations
 
 from enum import Enum
 
-from .errors import ConfigError
+from .errors import ConfigError, _accept_values, _check, _enum  # noqa: F401 - re-exported to configs.py
 from .methods import all_methods
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(key, message)
-
-
-def _enum(value, enum_cls, key: str):
-    """Accept an Enum member or its value; reject anything else naming the allowed values."""
-    if isinstance(value, enum_cls):
-        return value
-    try:
-        return enum_cls(value)
-    except ValueError:
-        allowed = ", ".join(m.value for m in enum_cls)
-        raise ConfigError(key, f"must be one of {allowed}, got {value!r}") from None
-
-
-def _accept_values(enum_cls):
-    """OmegaConf looks Enum members up by *name*; also accept each value (users write bf16-mixed)."""
-    for member in enum_cls:
-        enum_cls._member_map_.setdefault(member.value, member)
-    return enum_cls
-
 
 # method=NAME: one member per module of sltrain_cli/methods/ (each module documents its method), in display order
 MethodName = _accept_values(Enum("MethodName", {m.name: m.name for m in all_methods()}, type=str))
-
-
-@_accept_values
-class SupportKind(str, Enum):
-    random = "random"  # uniformly random positions (the paper)
-    row_balanced = "row_balanced"  # random positions, the same count in every output row
-    block = "block"  # random square blocks of size method.block_size
-    top = "top"  # largest-magnitude entries of a given dense matrix (needs a reference weight)
-
-
-@_accept_values
-class IndexDtype(str, Enum):
-    int64 = "int64"  # the paper's choice
-    int32 = "int32"  # half the index memory; fine while in*out < 2**31
-
-
-@_accept_values
-class KernelKind(str, Enum):
-    auto = "auto"  # per layer shape, the cheaper of the two for the micro-batch's tokens (an analytic cost model)
-    compose = "compose"  # build the dense W, one dense matmul (the paper's)
-    factored = "factored"  # never build W: rank-r products plus CSR sparse products at the fixed support
-
-
-@_accept_values
-class ResetKind(str, Enum):
-    zero = "zero"  # zero the adapters' Adam moments
-    magnitude = "magnitude"  # keep the largest (1 - reset_ratio) fraction of each moment
-    random = "random"  # keep a random (1 - reset_ratio) fraction of each moment
 
 
 @_accept_values

@@ -10,31 +10,31 @@ swap, ...), never the whole RunConfig.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from .choices import (  # the schema's value types
     DataName,
     EncodingErrors,
-    IndexDtype,
-    KernelKind,
     MethodName,
     OptimName,
     Parallel,
     Precision,
-    ResetKind,
     Schedule,
-    SupportKind,
     TokenizerKind,
     _check,
     _enum,
 )
 from .errors import ConfigError, UserError
-from .methods import get_method
+from .methods import all_methods, get_method
+from .methods.fields import TARGET_MODULES, IndexDtype, KernelKind, ResetKind, SupportKind, validate
 
-__all__ = ["ConfigError", "UserError"]  # re-exported: they lived here first
+__all__ = ["ConfigError", "IndexDtype", "KernelKind", "ResetKind", "SupportKind", "TARGET_MODULES",
+           "UserError"]  # re-exported: the method vocabulary lives in methods/fields.py
 
 
 @dataclass
@@ -70,60 +70,37 @@ class ModelConfig:
 
 
 LOGGERS = ("jsonl", "tensorboard", "wandb")  # train.loggers; tracking.py starts each
-TARGET_MODULES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-@dataclass
-class MethodConfig:
-    """How the target linear layers are parameterized (conf/method/)."""
-
-    name: MethodName = field(default=MethodName.full, metadata={"help": "parameterization of the target layers"})
-    rank: int = field(default=128, metadata={"help": "r of B (out, r) @ A (r, in); 0 = no low-rank part"})
-    delta: float = field(default=0.03, metadata={"help": "fraction of entries in the sparse support, in [0, 1]"})
-    alpha: float = field(default=32.0, metadata={"help": "low-rank scale numerator: W_lr = (alpha / rank) B A"})
-    target_modules: List[str] = field(default_factory=lambda: list(TARGET_MODULES), metadata={
-        "help": "linear layers the method replaces, a subset of q, k, v, o (attention), gate, up, down (MLP)"})
-    support: SupportKind = field(default=SupportKind.random, metadata={"help": "how the sparse support is chosen"})
-    support_seed: int = field(default=0, metadata={"help": "seed of the dedicated generator that draws the sparse "
-                                                           "support"})
-    index_dtype: IndexDtype = field(default=IndexDtype.int64, metadata={"help": "dtype of the sparse support's "
-                                                                                "flat indices"})
-    block_size: int = field(default=16, metadata={"help": "support=block: side of each square block, in entries"})
-    kernel: KernelKind = field(default=KernelKind.auto, metadata={
-        "help": "how sltrain/sparse layers compute; auto picks per layer shape, once per run (summary.json kernels)"})
-    # relora
-    merge_every: int = field(default=1000, metadata={"help": "relora: steps between merges of B A into W0"})
-    reset: ResetKind = field(default=ResetKind.magnitude, metadata={
-        "help": "relora: what happens to the adapters' optimizer state at a merge"})
-    reset_ratio: float = field(default=0.9, metadata={"help": "relora: fraction of moment entries pruned by a "
-                                                              "magnitude/random reset, in [0, 1]"})
-    restart_warmup: int = field(default=50, metadata={"help": "relora: lr re-warmup steps after each merge "
-                                                              "(jagged schedule)"})
-    warm_start: Optional[str] = field(default=None, metadata={
-        "help": "checkpoint whose dense weights initialize the model before the method swap (ReLoRA's full-rank "
-                "start; support=top picks its largest entries); null = random init"})
-    # galore
-    update_proj_gap: int = field(default=200, metadata={"help": "galore: steps between projector refreshes"})
-    scale: float = field(default=0.25, metadata={"help": "galore: scale of the projected-back update"})
+def _method_config() -> type:
+    """``method.*`` as the user sets it: ``name`` plus the union of every method's Config fields (methods/NAME.py;
+    a field two methods share is defined once, in methods/fields.py). A run's method reads its own typed slice
+    (``get_method(name).config(cfg)``); keys it does not read are marked unused in config.yaml."""
+    union = {}
+    for method in all_methods():
+        hints = typing.get_type_hints(method.Config)
+        for f in dataclasses.fields(method.Config):
+            if f.name in union and (union[f.name][1].metadata.get("help"), union[f.name][0]) != (
+                    f.metadata.get("help"), hints[f.name]):
+                raise TypeError(f"methods define method.{f.name} twice, differently: define it in methods/fields.py")
+            union.setdefault(f.name, (hints[f.name], f))
+    union["warm_start"] = union.pop("warm_start")  # every method's: listed last
+    name = ("name", MethodName, field(default=MethodName.full, metadata={"help": "parameterization of the target "
+                                                                                 "layers"}))
+    members = [name] + [(k, kind, dataclasses.field(default=f.default, default_factory=f.default_factory,
+                                                     metadata=f.metadata)) for k, (kind, f) in union.items()]
 
     def __post_init__(self):
         self.name = _enum(self.name, MethodName, "method.name")
-        self.support = _enum(self.support, SupportKind, "method.support")
-        self.index_dtype = _enum(self.index_dtype, IndexDtype, "method.index_dtype")
-        self.kernel = _enum(self.kernel, KernelKind, "method.kernel")
-        self.reset = _enum(self.reset, ResetKind, "method.reset")
-        _check(self.rank >= 0, "method.rank", f"must be >= 0, got {self.rank}")
-        _check(0.0 <= self.delta <= 1.0, "method.delta", f"must be in [0, 1], got {self.delta}")
-        _check(math.isfinite(self.alpha) and self.alpha > 0, "method.alpha", f"must be > 0, got {self.alpha}")
-        bad = [m for m in self.target_modules if m not in TARGET_MODULES]
-        _check(not bad, "method.target_modules", f"allowed: {', '.join(TARGET_MODULES)}; got {bad}")
-        _check(self.block_size >= 1, "method.block_size", f"must be >= 1, got {self.block_size}")
-        _check(self.merge_every >= 1, "method.merge_every", f"must be >= 1, got {self.merge_every}")
-        _check(0.0 <= self.reset_ratio <= 1.0, "method.reset_ratio", f"must be in [0, 1], got {self.reset_ratio}")
-        _check(self.restart_warmup >= 0, "method.restart_warmup", f"must be >= 0, got {self.restart_warmup}")
-        _check(self.update_proj_gap >= 1, "method.update_proj_gap", f"must be >= 1, got {self.update_proj_gap}")
-        _check(math.isfinite(self.scale) and self.scale > 0, "method.scale", f"must be finite, > 0, got {self.scale}")
-        get_method(self.name).check(self)  # the method's own rules (methods/NAME.py)
+        validate(self)  # every field's range, whichever method reads it
+        get_method(self.name).check(self)  # the method's own rules across its fields (methods/NAME.py)
+
+    return dataclasses.make_dataclass("MethodConfig", members, namespace={
+        "__post_init__": __post_init__, "__module__": __name__,
+        "__doc__": "How the target linear layers are parameterized (conf/method/; the fields of methods/*.py)."})
+
+
+MethodConfig = _method_config()
 
 
 @dataclass

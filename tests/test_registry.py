@@ -55,20 +55,26 @@ def test_no_source_file_outside_methods_branches_on_a_method_name():
 @pytest.mark.slow  # four subprocesses on a copy of the package (a pretrain among them): ~13 s
 def test_a_new_method_is_one_module_and_one_yaml(tmp_path, cache_dir):
     """Copy the package, add methods/toy.py and conf/method/toy.yaml, and nothing else: the new method trains,
-    is listed, is estimated and is refused where its module says so."""
+    is listed, is estimated, is refused where its module says so, and its own config field is a key of method.*
+    like any other (checked, shown, marked unused for the other methods)."""
     src = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "sltrain_cli", src / "sltrain_cli", ignore=ignore)
     shutil.copytree(ROOT / "conf", src / "conf", ignore=ignore)
     (src / "sltrain_cli/methods/toy.py").write_text(
-        '"""method=toy: low-rank target layers that refuse FSDP (a test method)."""\n'
-        "from .lowrank import LowRank\n\n\n"
-        "class Toy(LowRank):\n"
+        '"""method=toy: low-rank target layers that refuse FSDP, with a field of its own (a test method)."""\n'
+        "from dataclasses import dataclass\n\n"
+        "from . import fields, lowrank\n\n\n"
+        "@dataclass\n"
+        "class Config(lowrank.Config):\n"
+        '    gain: float = fields.option(1.0, "toy: a setting only this method has", at_least=0)\n\n\n'
+        "class Toy(lowrank.LowRank):\n"
         '    name, order = "toy", 50\n'
+        "    Config = Config\n"
         "    fsdp = False\n\n\n"
         "METHOD = Toy()\n")
     (src / "conf/method/toy.yaml").write_text("# Toy: W = B A, a method added by one module and this file.\n"
-                                              "name: toy\nrank: 4\n")
+                                              "name: toy\nrank: 4\ngain: 2.0\n")
     env = {**os.environ, "PYTHONPATH": str(src), "SLTRAIN_CONF_DIR": str(src / "conf"), "OMP_NUM_THREADS": "1"}
 
     def sltrain(*args):
@@ -85,3 +91,11 @@ def test_a_new_method_is_one_module_and_one_yaml(tmp_path, cache_dir):
     assert estimate.returncode == 0 and "\ntoy," in estimate.stdout, estimate.stderr
     refused = sltrain("pretrain", *tiny_overrides(tmp_path / "out", "method=toy", "method.rank=0"))
     assert refused.returncode == 2 and "method.rank: must be >= 1 for method=toy" in refused.stderr
+    refused = sltrain("pretrain", *tiny_overrides(tmp_path / "out", "method=toy", "method.gain=-1"))
+    assert refused.returncode == 2 and "method.gain: must be >= 0, got -1" in refused.stderr, refused.stderr
+    shown = sltrain("pretrain", "--print-config", *tiny_overrides(tmp_path / "out", "method=toy", "method.gain=3"))
+    assert shown.returncode == 0 and "gain: 3.0" in shown.stdout, shown.stderr
+    other = sltrain("pretrain", "--print-config", *tiny_overrides(tmp_path / "out", "method=sltrain"))
+    lines = other.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("gain:"))
+    assert other.returncode == 0 and "(unused by method=sltrain) toy: a setting only" in lines[at - 1], lines[at - 1]

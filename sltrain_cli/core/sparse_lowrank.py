@@ -32,7 +32,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from ..choices import SupportKind
+from ..methods.fields import SupportKind
 from .kernel_choice import KERNELS, choose_kernel
 from .sparse_kernels import CsrCache, _ComposeFn, _FactoredFn
 

@@ -3,9 +3,10 @@
 Every module of this package defines ``METHOD = SomeMethod()``; the defaults below are a dense method that changes
 nothing (method=full). A new method overrides what it needs:
 
-    keys            the ``method.*`` config fields it reads (besides name and warm_start); the others are marked
-                    "(unused by method=...)" in config.yaml and blanked in tables
-    check           its own ranges, as ConfigError("method.KEY", ...)
+    Config          its typed config: a dataclass of the ``method.*`` fields it reads, built from the shared groups
+                    of fields.py plus its own fields (each with help and range); ``keys`` are its fields (besides
+                    warm_start); the others are marked "(unused by method=...)" in config.yaml and blanked in tables
+    check           rules across its fields, as ConfigError("method.KEY", ...) (each field's own range is in Config)
     swap            the layer that replaces one target nn.Linear (None: the target stays dense)
     projected_params  the weights whose Adam moments live in a projected space (GaLore)
     schedule        an lr schedule of its own (ReLoRA's jagged cosine), else None
@@ -20,13 +21,16 @@ B A: memory). ``order`` places it in tables (dense baselines first).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, List, Optional, Tuple
+
+from . import fields
 
 
 class Method:
     name: str = ""
     order: int = 100
-    keys: Tuple[str, ...] = ()
+    Config: type = fields.Common
     catalog_extras: Tuple[str, ...] = ()  # keys `sltrain list methods` shows beside rank / delta / alpha
     fsdp: bool = True
     projects_moments: bool = False  # Adam moments of projected_params live in a rank-r projection (GaLore)
@@ -34,9 +38,18 @@ class Method:
     builds_dense_weight: bool = False
     low_rank_activations: bool = False
 
+    @property
+    def keys(self) -> Tuple[str, ...]:
+        """The ``method.*`` fields it reads, besides warm_start."""
+        return tuple(f.name for f in dataclasses.fields(self.Config) if f.name != "warm_start")
+
     def uses(self, key: str) -> bool:
         """Whether the method reads ``method.<key>``."""
         return key in self.keys
+
+    def config(self, cfg):
+        """Its typed Config from a MethodConfig (the union every method's fields live in)."""
+        return self.Config(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(self.Config)})
 
     @property
     def has_support(self) -> bool:

@@ -1,11 +1,24 @@
 """method=galore: dense weights; the Adam moments of the target weights live in a rank-r projection of their
 gradients, refreshed by an SVD every update_proj_gap steps (core/galore.py has the optimizer)."""
+import math
+from dataclasses import dataclass
+
+from . import fields
 from .base import Method, require_rank
+
+
+@dataclass
+class Config(fields.Common, fields.Targets, fields.Rank):
+    """method=galore: the projection's rank, which weights it projects, how often it is refreshed, its scale."""
+
+    update_proj_gap: int = fields.option(200, "galore: steps between projector refreshes", at_least=1)
+    scale: float = fields.option(0.25, "galore: scale of the projected-back update",
+                                 lambda v: math.isfinite(v) and v > 0, "must be finite, > 0")
 
 
 class GaLore(Method):
     name, order = "galore", 3
-    keys = ("rank", "target_modules", "update_proj_gap", "scale")
+    Config = Config
     catalog_extras = ("update_proj_gap", "scale")
     fsdp = False  # its SVD needs whole gradients
     projects_moments = True

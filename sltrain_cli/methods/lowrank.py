@@ -1,11 +1,19 @@
 """method=lowrank: every target weight is a product W = B A (B: out x r, A: r x in), trained from scratch."""
+from dataclasses import dataclass
+
+from . import fields
 from .base import Method, require_rank
+
+
+@dataclass
+class Config(fields.Common, fields.Targets, fields.Rank):
+    """method=lowrank: the rank of every product and which layers become one."""
 
 
 class LowRank(Method):
     name, order = "lowrank", 1
+    Config = Config
     dense_weights = False
-    keys = ("rank", "target_modules")
     low_rank_activations = True
 
     def check(self, cfg) -> None:

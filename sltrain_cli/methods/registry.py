@@ -13,7 +13,7 @@ from typing import Tuple
 
 from .base import Method
 
-_NOT_METHODS = {"base", "registry"}
+_NOT_METHODS = {"base", "fields", "registry"}
 
 
 @functools.lru_cache(maxsize=None)

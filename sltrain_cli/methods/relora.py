@@ -1,13 +1,29 @@
 """method=relora: W = W0 + (alpha/r) B A with W0 frozen; every merge_every steps B A is merged into W0, the adapters
 are re-initialised, their Adam moments pruned, and the lr re-warms (a jagged cosine). core/relora.py has the
 layer, the merge and the reset."""
+from dataclasses import dataclass
+
+from . import fields
 from .base import Method, require_rank
+
+
+@dataclass
+class Config(fields.Common, fields.Targets, fields.Alpha, fields.Rank):
+    """method=relora: the adapters (rank, alpha, targets) and the merge cycle."""
+
+    merge_every: int = fields.option(1000, "relora: steps between merges of B A into W0", at_least=1)
+    reset: fields.ResetKind = fields.option(fields.ResetKind.magnitude, "relora: what happens to the adapters' "
+                                                                        "optimizer state at a merge")
+    reset_ratio: float = fields.option(0.9, "relora: fraction of moment entries pruned by a magnitude/random "
+                                            "reset, in [0, 1]", within=(0.0, 1.0))
+    restart_warmup: int = fields.option(50, "relora: lr re-warmup steps after each merge (jagged schedule)",
+                                        at_least=0)
 
 
 class ReLoRA(Method):
     name, order = "relora", 2
+    Config = Config
     dense_weights = False
-    keys = ("rank", "alpha", "target_modules", "merge_every", "reset", "reset_ratio", "restart_warmup")
     catalog_extras = ("merge_every", "restart_warmup", "reset")
     low_rank_activations = True
 

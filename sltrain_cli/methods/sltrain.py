@@ -1,13 +1,19 @@
 """method=sltrain: W = (alpha/r) B A + S, S on a sparse support fixed at random before training (the paper)."""
+from dataclasses import dataclass
+
+from . import fields
 from .base import Method
 
-SPARSE_KEYS = ("delta", "support", "support_seed", "index_dtype", "block_size", "kernel")
+
+@dataclass
+class Config(fields.Common, fields.Targets, fields.Sparse, fields.Alpha, fields.Rank):
+    """method=sltrain: the low-rank factor (rank, alpha), the sparse factor's support, the targets, the kernel."""
 
 
 class SLTrain(Method):
     name, order = "sltrain", 4
+    Config = Config
     dense_weights = False
-    keys = ("rank", "alpha", "target_modules", *SPARSE_KEYS)
     builds_dense_weight = True
 
     def check(self, cfg) -> None:

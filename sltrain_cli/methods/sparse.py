@@ -1,10 +1,18 @@
 """method=sparse: W = S only (SLTrain with rank 0): the sparse factor alone, on the same fixed random support."""
-from .sltrain import SPARSE_KEYS, SLTrain, sparse_lowrank_layer
+from dataclasses import dataclass
+
+from . import fields
+from .sltrain import SLTrain, sparse_lowrank_layer
+
+
+@dataclass
+class Config(fields.Common, fields.Targets, fields.Sparse):
+    """method=sparse: the sparse factor's support and the targets (no rank, no alpha)."""
 
 
 class Sparse(SLTrain):
     name, order = "sparse", 5
-    keys = ("target_modules", *SPARSE_KEYS)
+    Config = Config
 
     def check(self, cfg) -> None:
         from ..errors import ConfigError
