@@ -168,6 +168,7 @@ class Run:
     first_s: float  # open + first batch
     wall_s: float  # everything
     cpu_s: float
+    first_cpu_s: float
     rows: int
     tokens: int
     first_rows: int
@@ -190,8 +191,12 @@ class Run:
         return self.tokens / self.wall_s
 
     @property
-    def cores(self) -> float:
-        return self.cpu_s / self.wall_s
+    def steady_cores(self) -> float:
+        return (self.cpu_s - self.first_cpu_s) / max(self.wall_s - self.first_s, 1e-9)
+
+    @property
+    def steady_cpu_per_row(self) -> float:
+        return (self.cpu_s - self.first_cpu_s) / max(self.rows - self.first_rows, 1)
 
 
 def settle() -> None:
@@ -220,7 +225,9 @@ def harness_run(files: list, hf, rows: int, batch: int) -> Run:
         tokens += int((labels != -100).sum())
         if first is None:
             first, first_rows, first_tokens = time.perf_counter() - t0, done, tokens
-    return Run(first, time.perf_counter() - t0, time.process_time() - cpu0, done, tokens, first_rows, first_tokens)
+            first_cpu = time.process_time() - cpu0
+    return Run(first, time.perf_counter() - t0, time.process_time() - cpu0, first_cpu, done, tokens, first_rows,
+               first_tokens)
 
 
 def sltrain_run(corpus, tok, rows: int, batch: int, workers: int) -> Run:
@@ -235,7 +242,8 @@ def sltrain_run(corpus, tok, rows: int, batch: int, workers: int) -> Run:
             tokens += int((labels != -100).sum())
             if first is None:
                 first, first_rows, first_tokens = time.perf_counter() - t0, done, tokens
-        run = Run(first, time.perf_counter() - t0, time.process_time() - cpu0, done, tokens, first_rows,
+                first_cpu = time.process_time() - cpu0
+        run = Run(first, time.perf_counter() - t0, time.process_time() - cpu0, first_cpu, done, tokens, first_rows,
                   first_tokens)
     finally:
         train.close()
@@ -285,20 +293,21 @@ def section_rows(args, emit, corpus, tok, hf, files) -> dict:
     for name, rs in runs.items():
         stats[name] = {"steady": med([x.steady_rows_s for x in rs]), "steady_tok": med([x.steady_tokens_s for x in rs]),
                        "all": med([x.rows_s for x in rs]), "all_tok": med([x.tokens_s for x in rs]),
-                       "first": med([x.first_s for x in rs]), "cores": med([x.cores for x in rs]),
-                       "cpu_per_row": med([x.cpu_s / x.rows for x in rs]),
+                       "first": med([x.first_s for x in rs]), "cores": med([x.steady_cores for x in rs]),
+                       "cpu_per_row": med([x.steady_cpu_per_row for x in rs]),
                        "tok_per_row": med([x.tokens / x.rows for x in rs])}
     ref = stats["harness"]
     emit(f"\n## 1. Rows/s: sltrain's stream vs the harness ({args.rows:,} rows of {SEQ_LEN} per round, batches of "
          f"{args.batch}, {args.rounds} interleaved rounds, medians; ratios to the harness)\n")
     head = ("pipeline", "steady rows/s (x)", "steady tokens/s (x)", "open + 1st batch s", "rows/s incl. open (x)",
-            "tokens/s incl. open (x)", "non-pad tokens/row", "CPU cores busy")
+            "tokens/s incl. open (x)", "non-pad tokens/row", "CPU cores busy (steady)", "CPU ms/row (steady)")
     emit("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for name, s in stats.items():
         emit(f"| {name} | {fmt(s['steady'])} ({s['steady'] / ref['steady']:.2f}) | "
              f"{fmt(s['steady_tok'])} ({s['steady_tok'] / ref['steady_tok']:.2f}) | {s['first']:.2f} | "
              f"{fmt(s['all'])} ({s['all'] / ref['all']:.2f}) | "
-             f"{fmt(s['all_tok'])} ({s['all_tok'] / ref['all_tok']:.2f}) | {s['tok_per_row']:.1f} | {s['cores']:.2f} |")
+             f"{fmt(s['all_tok'])} ({s['all_tok'] / ref['all_tok']:.2f}) | {s['tok_per_row']:.1f} | {s['cores']:.2f} | "
+             f"{s['cpu_per_row'] * 1e3:.3f} |")
     best = max((n for n in stats if n != "harness"), key=lambda n: stats[n]["steady"])
     emit(f"\nfastest sltrain variant: {best}, {stats[best]['steady'] / ref['steady']:.2f}x the harness's steady rows/s "
          f"({stats[best]['all'] / ref['all']:.2f}x counting the stream open); target >= 1.5x")
@@ -327,6 +336,7 @@ def check_same_rows(emit, corpus, tok, hf, files, batch: int, n_rows: int) -> No
 
 def section_breakdown(args, emit, corpus, tok, hf, files) -> None:
     n = args.breakdown_docs
+    n_read = max(n, 16384)
     reps = 3
 
     def raw_read():
@@ -340,8 +350,11 @@ def section_breakdown(args, emit, corpus, tok, hf, files) -> None:
         return out
 
     def stream_read():
+        """The stream's first n_read documents (more than n: pyarrow parses whole ~10 MB blocks, so reading is
+        lumpy), with the clock and CPU time at its first 64 (open + shuffle-buffer fill)."""
         texts = (t for t in corpus.texts(corpus.stream("train")) if corpus.keep("train", t))
-        return list(itertools.islice(texts, n))
+        head = list(itertools.islice(texts, 64))
+        return head + list(itertools.islice(texts, n_read - 64)), time.perf_counter(), time.process_time()
 
     def sp_rows():
         for i in range(0, len(texts), 64):  # the stream's chunks of CHUNK_DOCS documents
@@ -371,8 +384,19 @@ def section_breakdown(args, emit, corpus, tok, hf, files) -> None:
     rows = []
     w, c, _ = timed(raw_read, reps)
     rows.append(("read: gzip + json.loads, shard order (no shuffle)", w, c))
-    w, c, texts = timed(stream_read, reps)
-    rows.append(("read: sltrain's stream (datasets json + shuffle buffer 1000), incl. open", w, c))
+    walls, cpus, opens = [], [], []
+    for _ in range(reps):
+        c0, t0 = time.process_time(), time.perf_counter()
+        texts, t1, _ = stream_read()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+        opens.append(t1 - t0)
+    # datasets reads the shards on background threads while the shuffle buffer fills, so the documents after the
+    # first few are mostly parsed already: only the whole read from opening the stream is a fair rate
+    rows.append((f"read: sltrain's stream (datasets json, shards read on threads, shuffle buffer "
+                 f"{corpus.cfg.shuffle_buffer}), its first {len(texts):,} docs incl. opening it (the first 64 took "
+                 f"{med(opens):.2f} s)", med(walls) * n / len(texts), med(cpus) * n / len(texts)))
+    texts = texts[:n]
     sp_whole()  # warm
     hf_call()
     for label, fn in (("tokenize: sltrain rows (sentencepiece, prefix of each doc, chunks of 64)", sp_rows),
@@ -415,13 +439,15 @@ def section_demand(args, emit, stats: dict) -> None:
         emit(f"| {m} | {params / 1e6:,.0f} | {fpt / 1e9:.2f} | {fmt(tok_s)} | {fmt(rows_s)} | " + " | ".join(cells)
              + f" | {cores:.2f} |")
         verdicts.append((m, rows_s / stats[fastest]["steady"]))
-    keeps = [m for m, x in verdicts if x <= 1]
-    short = [f"{m} ({x:.2f}x one stream)" for m, x in verdicts if x > 1]
-    emit(f"\none {fastest} stream keeps up with: {', '.join(keeps) or 'none'}"
+    keeps = [f"{m} ({x:.2f})" for m, x in verdicts if x <= 1]
+    short = [f"{m} ({x:.2f})" for m, x in verdicts if x > 1]
+    best = stats[fastest]
+    emit(f"\none {fastest} stream on this machine ({best['steady']:,.0f} rows/s, {best['cores']:.2f} CPU cores busy) "
+         f"delivers what one GPU needs for: {', '.join(keeps) or 'none'}"
          + (f"; falls short for: {', '.join(short)}" if short else "")
-         + ". CPU seconds per row: " + ", ".join(f"{n} {stats[n]['cpu_per_row'] * 1e3:.2f} ms" for n in names)
-         + ". Each rank reads the whole document stream (it tokenizes only its share), so one stream must read at the "
-           "global rows/s of all ranks.")
+         + " (fraction of that stream's rate needed). \"CPU cores\" = rows/s needed x steady CPU s per row, the "
+           "stream's own cores, not counting the training loop's. Each rank reads the whole document stream (it "
+           "tokenizes only its share), so with N ranks a stream must read N x a rank's rows/s.")
 
 
 def resume_first_batch(corpus, tok, batch: int, workers: int, state) -> tuple:

@@ -1,4 +1,5 @@
-"""`sltrain` command line: parse, call one library function per command, print. The only typer import.
+"""`sltrain` command line: parse, call one library function per command, print. With cli_infer.py (the commands
+that use a trained model) the only typer import.
 
 Overrides are Hydra syntax (group=option, a.b=value) with short aliases: rank, delta, alpha, lr, steps,
 seed. See `sltrain COMMAND --help`.
@@ -89,6 +90,20 @@ def _user_errors(fn):
     return wrapper
 
 
+THREADS_HELP = "CPU threads for torch (like train.num_threads); default: torch's (all cores)."
+
+
+def set_threads(threads: Optional[int]) -> None:
+    """--threads: torch's intra-op threads (a shared machine: fewer threads is often faster)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError(f"--threads: must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def run_dir_for(command: str, cfg, overrides) -> Path:
     from .compose import run_name
 
@@ -173,7 +188,8 @@ def _exit_code(summary: dict) -> int:
 @_user_errors
 def eval_ppl(run: Path = typer.Argument(..., help="A run folder (its latest checkpoint) or a checkpoint."),
              overrides: Optional[List[str]] = typer.Argument(None, help="e.g. data=local data.path=notes.txt "
-                                                                         "train.eval_tokens=100000")):
+                                                                         "train.eval_tokens=100000"),
+             threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP)):
     """Evaluate a trained model's perplexity with the run's own tokenizer.
 
     Perplexity = exp(total loss over non-pad tokens / their count).
@@ -183,6 +199,7 @@ def eval_ppl(run: Path = typer.Argument(..., help="A run folder (its latest chec
     """
     from .evaluate import evaluate_run
 
+    set_threads(threads)
     result = evaluate_run(run, list(overrides or []))
     typer.echo(f"{result['data']} at step {result['step']}: loss {result['val_loss']:.4f}  ppl "
                f"{result['val_ppl']:.3f}  tokens {result['tokens']:,}  -> {result['path']}")
@@ -292,60 +309,6 @@ def memory_estimate(size: str = typer.Option("60m", "--size", help="60m, 130m, 3
                     f"{seq_len})")
 
 
-RUN_HELP = ("A run folder (its latest checkpoint), a checkpoint file (RUN_DIR/checkpoints/step_NNNNNN.pt) "
-            "or a sharded (FSDP) checkpoint folder.")
-
-
-@app.command("export")
-@_user_errors
-def export(run: Path = typer.Argument(..., help=RUN_HELP),
-           out: Optional[Path] = typer.Option(None, "--out", help="Folder to write (replaced if it holds an "
-                                                                  "earlier export). Default: RUN_DIR/export for the "
-                                                                  "latest checkpoint, RUN_DIR/export-step_NNNNNN for "
-                                                                  "an earlier one."),
-           dtype: str = typer.Option("fp32", "--dtype", help="Weight dtype in model.safetensors: fp32 (exact) or "
-                                                             "bf16 (half the size).")):
-    """Write a Hugging Face LlamaForCausalLM folder from a run.
-
-    The folder holds config.json, model.safetensors, the tokenizer, README.md.
-    The method's layers are multiplied out into dense weights (SLTrain:
-    (alpha/r) B A + S), so transformers loads it without sltrain:
-    AutoModelForCausalLM.from_pretrained(DIR), AutoTokenizer.from_pretrained(DIR).
-    """
-    from .export import export_command
-
-    path, loaded, notes = export_command(run, out, dtype)
-    for note in notes:
-        typer.echo(f"note: {note}", err=True)
-    typer.echo(f"exported step {loaded.step} ({loaded.checkpoint.name}) -> {path}  "
-               f"(AutoModelForCausalLM.from_pretrained({str(path)!r}))")
-
-
-@app.command("generate")
-@_user_errors
-def generate(run: Path = typer.Argument(..., help=RUN_HELP),
-             prompt: str = typer.Option(..., "--prompt", help="Text to continue (\"\" starts a new document)."),
-             max_new_tokens: int = typer.Option(50, "--max-new-tokens", help="Most tokens to add; stops earlier "
-                                                                             "at the end-of-sequence token."),
-             temperature: float = typer.Option(0.8, "--temperature", help="Sampling temperature; 0 = greedy "
-                                                                          "(always the most likely token)."),
-             top_k: int = typer.Option(50, "--top-k", help="Sample among the k most likely tokens; 0 = all."),
-             seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same text.")):
-    """Sample a continuation of a prompt from a trained model.
-
-    Prints the prompt and the continuation, computed by the model in its own
-    (sparse + low-rank) form. The context is cropped to the model's last
-    max_seq_len tokens.
-    """
-    from .export import generate as sample
-    from .export import open_run
-
-    loaded = open_run(run)
-    if not loaded.newest:  # an earlier checkpoint (named, or fallen back to past a damaged one): say which
-        typer.echo(f"(step {loaded.step}, {loaded.checkpoint.name})", err=True)
-    typer.echo(sample(loaded, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                      seed=seed))
-
 
 @app.command("list")
 @_user_errors
@@ -389,6 +352,9 @@ def compare(runs: List[Path] = typer.Argument(..., help="Run folders, sweep / st
 
     _, path = compare_runs(runs, out=out, key=best_by)
     typer.echo(f"-> {path}")
+
+
+from . import cli_infer  # noqa: E402,F401 - registers export, generate, bench-infer on app
 
 
 def main() -> None:

@@ -1,14 +1,12 @@
-"""Get a trained model out: a Hugging Face folder (``export_run``) and text samples (``generate``).
+"""Get a trained model out: a Hugging Face folder (``export_run``); text samples are infer.py's.
 
     out = export_run("outputs/pretrain/default")          # -> outputs/pretrain/default/export
     AutoModelForCausalLM.from_pretrained(out); AutoTokenizer.from_pretrained(out)
-    print(generate(load_run("outputs/pretrain/default"), "The state of the union", max_new_tokens=40))
 
 The export is a plain ``transformers.LlamaForCausalLM`` folder (config.json, model.safetensors, generation_config.json,
 the tokenizer, README.md): every method's target layers are multiplied out into dense weights (SLTrain and sparse:
 (alpha/r) B A + S; low-rank: B A; ReLoRA: W0 + (alpha/r) B A; full and GaLore: as trained), so loading it needs
-transformers only, and the memory saving of the factored form is gone. ``generate`` samples from the model in its
-own (sparse + low-rank) form, as ``load_run`` builds it.
+transformers only, and the memory saving of the factored form is gone.
 
 Default folder: RUN_DIR/export for the run's latest checkpoint, RUN_DIR/export-step_NNNNNN for an earlier one. The
 folder is written next to its final place and renamed into it, so a failed export leaves no half folder; an
@@ -316,58 +314,3 @@ def export_run(path: Union[str, Path, LoadedRun], out: Optional[Union[str, Path]
     if note:
         warnings.warn(f"{out}: no transformers tokenizer: {note}", ExportNote, stacklevel=2)
     return out
-
-
-# ----------------------------------------------------------------------------------------------- generate
-@torch.no_grad()
-def generate_ids(model: nn.Module, ids: list, max_new_tokens: int, eos_id: Optional[int], max_seq_len: int,
-                 temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> list:
-    """New token ids after ``ids``: full recomputation per token on the last ``max_seq_len`` tokens, stop at eos.
-
-    temperature 0: greedy (argmax); else softmax(logits / temperature) over the top_k tokens (0: all)."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    context, new = list(ids), []
-    for _ in range(max_new_tokens):
-        window = torch.tensor([context[-max_seq_len:]], dtype=torch.long, device=device)
-        logits = model(window).logits[0, -1].float().cpu()
-        if temperature == 0:
-            nxt = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if 0 < top_k < logits.numel():
-                kth = torch.topk(logits, top_k).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
-        if eos_id is not None and nxt == eos_id:
-            break
-        new.append(nxt)
-        context.append(nxt)
-    return new
-
-
-def generate(run: Union[LoadedRun, str, Path], prompt: str, max_new_tokens: int = 50, temperature: float = 0.8,
-             top_k: int = 50, seed: int = 0) -> str:
-    """Prompt + a sampled continuation from a run (a LoadedRun, run folder or checkpoint), in its trained form.
-
-    An empty prompt starts from the end-of-sequence token (what precedes every document in training)."""
-    if max_new_tokens < 0:
-        raise ConfigError("--max-new-tokens", f"must be >= 0, got {max_new_tokens}")
-    if not temperature >= 0:
-        raise ConfigError("--temperature", f"must be >= 0 (0 = greedy), got {temperature}")
-    if top_k < 0:
-        raise ConfigError("--top-k", f"must be >= 0 (0 = all tokens), got {top_k}")
-    if not isinstance(run, LoadedRun):
-        run = open_run(run)
-    tok = run.tokenizer
-    ids = tok.encode(prompt)
-    context = ids or [tok.eos_id]
-    was_training = run.model.training
-    run.model.eval()
-    try:
-        new = generate_ids(run.model, context, max_new_tokens, tok.eos_id, run.cfg.model.max_seq_len,
-                           temperature, top_k, seed)
-    finally:
-        run.model.train(was_training)
-    head, full = tok.decode(ids), tok.decode(ids + new)
-    return prompt + full[len(head):] if full.startswith(head) else full

@@ -201,7 +201,7 @@ def test_unconvertible_tokenizer_is_left_out_with_a_note(runs, tmp_path, monkeyp
 def test_greedy_generate_is_deterministic_and_equals_transformers(exported):
     from transformers import AutoModelForCausalLM
 
-    from sltrain_cli.export import generate
+    from sltrain_cli.infer import generate
 
     run_dir, out = exported["sltrain"]
     run = load_run(run_dir)
@@ -215,11 +215,24 @@ def test_greedy_generate_is_deterministic_and_equals_transformers(exported):
     assert a == run.tokenizer.decode(theirs)
     result = _invoke("generate", run_dir, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12")
     assert result.exit_code == 0 and result.output.strip() == a.strip()
+    # a batch (left-padded, one cache): each row equals transformers' generate of that prompt alone
+    prompts = ["We", "The Congress shall have power to lay and collect taxes", "Fellow citizens"]
+    batch = generate(run, prompts, max_new_tokens=16, temperature=0)
+    for text, out in zip(prompts, batch):
+        ids = run.tokenizer.encode(text)
+        theirs = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=16, do_sample=False)[0].tolist()
+        assert out == run.tokenizer.decode(theirs), (text, out)
+    file = run_dir.parent / "prompts.txt"
+    file.write_text("\n".join(prompts[1:]) + "\n\n")
+    result = _invoke("generate", run_dir, "--prompt", prompts[0], "--prompts-file", file, "--temperature", "0",
+                     "--max-new-tokens", "16", "--threads", "1")
+    assert result.exit_code == 0 and result.output.strip() == "\n\n".join(batch).strip(), result.output
 
 
 @pytest.mark.slow  # uses the module's `runs`: six tiny pretrains first (~8 s)
 def test_sampling_is_seeded_and_context_is_cropped(runs):
-    from sltrain_cli.export import generate
+    from sltrain_cli.infer import generate
 
     run = load_run(runs["sltrain"])
     kw = dict(max_new_tokens=8, temperature=1.0, top_k=20)
@@ -230,23 +243,31 @@ def test_sampling_is_seeded_and_context_is_cropped(runs):
     assert generate(run, "", max_new_tokens=3, seed=2, temperature=1.0) is not None
 
 
-def test_generation_stops_at_eos():
-    from sltrain_cli.export import generate_ids
+def test_generation_stops_at_eos_per_row():
+    from sltrain_cli.infer import generate_ids
 
-    class AlwaysEos(torch.nn.Module):
-        def __init__(self, eos, after):
+    class Scripted(torch.nn.Module):
+        """Row i says token 3 until its call number reaches after[i], then EOS (1)."""
+
+        def __init__(self, after):
             super().__init__()
-            self.w, self.eos, self.after, self.lens = torch.nn.Parameter(torch.zeros(1)), eos, after, []
+            self.w, self.after, self.calls = torch.nn.Parameter(torch.zeros(1)), after, []
+            self.config = type("C", (), {"max_seq_len": 8, "num_layers": 1, "num_heads": 1, "head_dim": 1})()
 
-        def forward(self, ids):
-            self.lens.append(ids.shape[1])
-            logits = torch.zeros(1, ids.shape[1], 10)
-            logits[0, -1, self.eos if len(self.lens) > self.after else 3] = 1.0
-            return type("Out", (), {"logits": logits})()
+        def decode(self, ids, cache, mask=None):
+            cache.append(torch.ones_like(ids, dtype=torch.bool) if mask is None else mask)
+            self.calls.append(ids.shape[1])
+            logits = torch.zeros(ids.shape[0], 10)
+            for row, after in enumerate(self.after):
+                logits[row, 1 if len(self.calls) > after else 3] = 1.0
+            return logits
 
-    model = AlwaysEos(eos=1, after=2)
-    assert generate_ids(model, [5, 6, 7], 10, eos_id=1, max_seq_len=4) == [3, 3]
-    assert model.lens == [3, 4, 4]  # the context never exceeds max_seq_len
+    model = Scripted(after=[2, 4])
+    assert generate_ids(model, [[5, 6, 7], [5]], 10, eos_id=1) == [[3, 3], [3, 3, 3, 3]]
+    assert model.calls == [3, 1, 1, 1, 1]  # one prefill of the padded batch, then one token per step
+    model = Scripted(after=[100])
+    assert generate_ids(model, [[5, 6, 7]], 9, eos_id=1) == [[3] * 9]  # the 8-position cache is rebuilt once
+    assert model.calls == [3, 1, 1, 1, 1, 1, 4, 1, 1]
 
 
 def _one_line_error(result, *words):

@@ -19,6 +19,13 @@ forward's autocast and grad mode).
 
     model = LlamaForCausalLM(ModelConfig(hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8))
     out = model(input_ids, labels=input_ids)      # out.loss (scalar); out.logits (batch, seq, vocab) on demand
+
+Decoding keeps a ``KVCache``: the prompt is run once (prefill), then one token at a time; each step attends over
+the cached keys and values and computes the logits of the last position only (HF's ``generate`` equivalent).
+
+    cache = KVCache(model.config, batch=2, capacity=64, device=..., dtype=...)
+    logits = model.decode(prompt_ids, cache, mask=left_pad_mask)    # (batch, vocab): the next token's logits
+    logits = model.decode(next_ids[:, None], cache)                 # one more position
 """
 from __future__ import annotations
 
@@ -138,8 +145,53 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotary_at(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos and sin (batch, 1, seq, head_dim) at given (batch, seq) positions (rows may start anywhere)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
+                                / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+class KVCache:
+    """Keys and values of every layer for a batch being decoded: (batch, heads, capacity, head_dim) each, the first
+    ``length`` positions filled. ``valid`` (batch, capacity) is False at left padding; ``next_pos`` (batch,) is each
+    row's next rotary position (its real tokens so far), as HF counts positions under an attention mask."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, device=None, dtype=torch.float32):
+        shape = (batch, cfg.num_heads, capacity, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length, self.capacity, self.padded = 0, capacity, False
+
+    def append(self, mask: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Room for mask.shape[1] new positions (mask: (batch, t) bool, False = padding): their rotary positions
+        (batch, t) and the attention mask (batch, 1, t, length) over the cache, or None where plain causal
+        attention is the same (no padding)."""
+        b, t = mask.shape
+        start = self.length
+        if start + t > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} positions; {start + t} asked for")
+        self.valid[:, start:start + t] = mask
+        positions = self.next_pos[:, None] + mask.long().cumsum(1) - 1
+        self.next_pos += mask.long().sum(1)
+        self.padded |= not bool(mask.all())
+        self.length = start + t
+        if not self.padded:
+            return positions, None
+        key_pos = torch.arange(self.length, device=mask.device)
+        query_pos = torch.arange(start, self.length, device=mask.device)
+        causal = key_pos[None, :] <= query_pos[:, None]  # (t, length)
+        allowed = causal[None] & self.valid[:, None, :self.length]
+        allowed |= key_pos[None, None, :] == query_pos[None, :, None]  # a padded query attends itself: no NaN rows
+        return positions.clamp(min=0), allowed[:, None]
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim)."""
+    """x: (batch, heads, seq, head_dim); cos/sin: (seq, head_dim) or (batch, 1, seq, head_dim)."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + _rotate_half(x) * sin
 
@@ -154,13 +206,27 @@ class Attention(nn.Module):
         self.v = nn.Linear(d, d, bias=False)
         self.o = nn.Linear(d, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[KVCache] = None,
+                layer: int = 0, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """With ``cache`` (decoding): the new positions' keys and values go into it (after cache.append), and the
+        queries attend over everything cached, under ``mask`` (None: causal)."""
         b, t, d = x.shape
         shape = (b, t, self.num_heads, self.head_dim)
         q = apply_rotary(self.q(x).view(shape).transpose(1, 2), cos, sin)
         k = apply_rotary(self.k(x).view(shape).transpose(1, 2), cos, sin)
         v = self.v(x).view(shape).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is not None:
+            end = cache.length
+            cache.k[layer][:, :, end - t:end] = k
+            cache.v[layer][:, :, end - t:end] = v
+            k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+            if mask is None and end > t and t > 1:  # new positions after cached ones: causal with an offset
+                key_pos, query_pos = torch.arange(end, device=x.device), torch.arange(end - t, end, device=x.device)
+                mask = key_pos[None, :] <= query_pos[:, None]
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # no cache, a prefill from position 0, or one new token over the whole cache
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1)
         return self.o(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -184,8 +250,9 @@ class DecoderBlock(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[KVCache] = None,
+                layer: int = 0, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -247,6 +314,22 @@ class LlamaForCausalLM(nn.Module):
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(h))
         return CausalLMOutput(loss=self.chunked_loss(h, labels), logits_fn=self._lazy_logits(h))
+
+    @torch.no_grad()
+    def decode(self, input_ids: torch.Tensor, cache: KVCache, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run new positions (batch, t) through the model with ``cache`` (the prompt, then one token at a time):
+        the logits (batch, vocab) of the last position. ``mask`` (batch, t) bool marks real tokens (False = left
+        padding of a shorter prompt); None: all real."""
+        if mask is None:
+            mask = torch.ones_like(input_ids, dtype=torch.bool)
+        if cache.length + input_ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"decoding past model.max_seq_len={self.config.max_seq_len}")
+        positions, attn_mask = cache.append(mask)
+        cos, sin = rotary_at(positions, self.config.head_dim, self.config.rope_theta)
+        h = self.embed_tokens(input_ids)
+        for i, block in enumerate(self.layers):
+            h = block(h, cos, sin, cache, i, attn_mask)
+        return self.lm_head(self.norm(h[:, -1]))
 
     def chunked_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss of final hidden states h (batch, seq, d) against labels, without materializing the logits."""
