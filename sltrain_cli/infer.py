@@ -18,6 +18,7 @@ import torch
 
 from .configs import ConfigError
 from .core.model import KVCache
+from .core.sparse_lowrank import choose_kernels
 from .runs import LoadedRun
 
 
@@ -42,7 +43,10 @@ def _prefill(model, rows: Sequence[Sequence[int]], pad_id: int, capacity: int, d
         ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
         mask[i, width - len(r):] = True
     cache = KVCache(model.config, len(rows), capacity, device, dtype)
-    return cache, model.decode(ids.to(device), cache, mask.to(device))
+    choose_kernels(model, ids.numel(), dtype, device, inference=True)  # SLTrain layers: the prefill's kernel
+    logits = model.decode(ids.to(device), cache, mask.to(device))
+    choose_kernels(model, len(rows), dtype, device, inference=True)  # and each decoding step's
+    return cache, logits
 
 
 @torch.no_grad()

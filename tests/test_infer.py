@@ -85,3 +85,71 @@ def test_generate_bad_input_is_one_line(tmp_path, args, words):
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_every_kernel_gives_the_training_forms_logits_and_dense_is_for_inference_only():
+    """compose, factored and dense (W built once) decode to the same logits as the training form's forward."""
+    from sltrain_cli.configs import ConfigError
+    from sltrain_cli.core.sparse_lowrank import set_kernels
+
+    model = _model("sltrain-compose")
+    ids = torch.randint(2, 97, (2, 10), generator=torch.Generator().manual_seed(1))
+    want = model(ids).logits[:, -1].detach()
+    for kernel in ("compose", "factored", "dense", "auto"):
+        set_kernels(model, kernel)
+        cache = KVCache(CFG, 2, 16)
+        model.decode(ids[:, :6], cache)
+        got = model.decode(ids[:, 6:], cache)
+        assert torch.allclose(got, want, atol=1e-5, rtol=0), (kernel, (got - want).abs().max())
+    set_kernels(model, "dense")
+    model.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="for inference"):
+        model(ids)
+    with pytest.raises(ConfigError, match="^method.kernel: dense keeps W fixed, for inference only"):
+        MethodConfig(name="sltrain", kernel="dense")
+
+
+def _bench(*args):
+    from typer.testing import CliRunner
+
+    from sltrain_cli.cli import app
+
+    return CliRunner().invoke(app, ["bench-infer", *map(str, args)])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--size", "2b"], ["--size", "130m", "'2b'"]),
+    ([], ["--size", "or a RUN folder"]),
+    (["--size", "60m", "--blocks", "0"], ["--blocks", "[1, 8]", "0"]),
+    (["--size", "60m", "--blocks", "9"], ["--blocks", "[1, 8]", "9"]),
+    (["--size", "60m", "--prompt-tokens", "200", "--new-tokens", "100"], ["--new-tokens", "300", "256"]),
+    (["--size", "60m", "--methods", "sltrain,nope"], ["--methods", "choose from", "nope"]),
+    (["--size", "60m", "--kernel", "fast"], ["--kernel", "dense", "'fast'"]),
+    (["--size", "60m", "--format", "xml"], ["--format", "json"]),
+])
+def test_bench_infer_bad_input_is_one_line(args, words):
+    result = _bench(*args)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+@pytest.mark.slow  # a 60M-width model of one block, two methods, and a fresh process per method for the peak: ~15 s
+def test_bench_infer_rows(tmp_path):
+    import json
+
+    out = tmp_path / "rows.csv"
+    result = _bench("--size", "60m", "--blocks", "1", "--methods", "sltrain,full,lowrank", "--prompt-tokens", "8",
+                    "--new-tokens", "4", "--rounds", "1", "--threads", "1", "--format", "json", "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [r["method"] for r in rows] == ["sltrain", "full", "lowrank"]
+    keys = ("method", "params", "weight_bytes", "peak_bytes", "prefill_tokens_per_s", "decode_tokens_per_s")
+    assert all(set(keys) <= set(r) for r in rows)
+    sl, full, lr = rows
+    assert full["params_vs_full"] == 1.0 and sl["params"] < full["params"] and lr["params"] < sl["params"]
+    assert sl["weight_bytes_vs_full"] == pytest.approx(sl["weight_bytes"] / full["weight_bytes"])
+    assert all(r["peak_bytes"] > 0 and r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
+    assert full["weight_bytes"] == 4 * full["params"]  # fp32, no buffers
+    assert sl["weight_bytes"] > 4 * sl["params"]  # + the support's int64 indices
+    assert out.read_text().splitlines()[0].startswith("method,params,weight_bytes,peak_bytes")

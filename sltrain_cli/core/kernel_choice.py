@@ -6,7 +6,7 @@ import torch
 
 from .sparse_kernels import _bwd_steps, _keeps_xa, _lowrank_chunk, _slab
 
-KERNELS = ("auto", "compose", "factored")
+KERNELS = ("auto", "compose", "factored", "dense")  # dense: inference only (W built once, kept)
 
 # The cost model, in multiply-adds of a dense GEMM of the compute dtype (so only ratios matter), fitted to interleaved
 # timings of both kernels against dense on this project's CPU (one thread, 60M and 1B shapes, 512-8192 tokens;
@@ -35,12 +35,19 @@ _MARGIN = 0.90
 
 
 def kernel_cost(kernel: str, tokens: int, n_in: int, n_out: int, rank: int, nnz: int, dtype: torch.dtype,
-                device) -> float:
-    """Modelled seconds of one forward + backward of the layer with ``kernel`` (compose | factored)."""
+                device, forward_only: bool = False) -> float:
+    """Modelled seconds of one forward + backward of the layer with ``kernel`` (compose | factored); with
+    ``forward_only`` (inference: prefill, decoding) of the forward alone."""
     device = torch.device(device)
     table = _COST.get(device.type, _COST["cuda"])
     c = table.get(dtype, table[torch.float32])
     T, io = max(1, int(tokens)), n_in * n_out
+    if forward_only:  # compose: build W (B A, the sparse add), one dense product; factored: x A^T B^T + x S^T
+        if kernel == "compose":
+            return (c["dense"] * T * io + c["rank"] * rank * io + c["c_pass"] * io) / c["rate"] + 4 * c["call"]
+        work = c["lowrank"] * T * rank * (n_in + n_out) + (c["sparse"] * T * nnz + c["f_pass"] * T * n_out
+                                                             if nnz else 0.0)
+        return work / c["rate"] + 4 * c["call"]
     if kernel == "compose":
         work = c["dense"] * 3 * T * io + (c["rank"] * 4 * rank * io if rank else 0.0) + c["c_pass"] * io
         return work / c["rate"] + 14 * c["call"]
@@ -57,9 +64,10 @@ def kernel_cost(kernel: str, tokens: int, n_in: int, n_out: int, rank: int, nnz:
     return work / c["rate"] + calls * c["call"]
 
 
-def choose_kernel(tokens: int, n_in: int, n_out: int, rank: int, nnz: int, dtype: torch.dtype, device) -> str:
+def choose_kernel(tokens: int, n_in: int, n_out: int, rank: int, nnz: int, dtype: torch.dtype, device,
+                  forward_only: bool = False) -> str:
     """factored where ``kernel_cost`` puts it at least 10% below compose, else compose. Deterministic: a function of
     the arguments only (no timing), so a run and its resumption pick the same."""
-    factored = kernel_cost("factored", tokens, n_in, n_out, rank, nnz, dtype, device)
-    compose = kernel_cost("compose", tokens, n_in, n_out, rank, nnz, dtype, device)
+    factored = kernel_cost("factored", tokens, n_in, n_out, rank, nnz, dtype, device, forward_only)
+    compose = kernel_cost("compose", tokens, n_in, n_out, rank, nnz, dtype, device, forward_only)
     return "factored" if factored < _MARGIN * compose else "compose"

@@ -31,6 +31,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..methods.fields import SupportKind
 from .kernel_choice import KERNELS, choose_kernel
@@ -161,6 +162,7 @@ class SparseLowRankLinear(nn.Module):
         self.kernel = kernel
         self.chosen_kernel: Optional[str] = None if kernel == "auto" else kernel  # auto: decided once, then kept
         self._csr = CsrCache()  # the support's CSR structure for the factored kernel (not state, never saved)
+        self._dense_w: Optional[torch.Tensor] = None  # kernel="dense" (inference): W, built at the first call
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
         if rank > min(in_features, out_features):
@@ -281,13 +283,24 @@ class SparseLowRankLinear(nn.Module):
             W = W.reshape(-1).index_add(0, self.indices, self.values).view(self.out_features, self.in_features)
         return W
 
-    def choose_kernel(self, tokens: int, dtype: torch.dtype, device) -> str:
+    def choose_kernel(self, tokens: int, dtype: torch.dtype, device, inference: bool = False) -> str:
         """Fix the kernel ``auto`` runs from a micro-batch's token count, the compute dtype and the device (an
-        explicit kernel is kept); returns the kernel this layer runs from now on."""
-        if self.chosen_kernel is None:
+        explicit kernel is kept); returns the kernel this layer runs from now on. ``inference``: choose again, for
+        forward passes alone (a prefill, then one token per step: each phase picks its own)."""
+        if self.kernel == "auto" and (self.chosen_kernel is None or inference):
             self.chosen_kernel = choose_kernel(int(tokens), self.in_features, self.out_features, self.rank, self.nnz,
-                                               dtype, torch.device(device))
+                                               dtype, torch.device(device), forward_only=inference)
         return self.chosen_kernel
+
+    def _dense_forward(self, x: torch.Tensor, bias) -> torch.Tensor:
+        """kernel="dense": one product with W built at the first call and kept (inference: the weights are fixed)."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            raise RuntimeError("kernel=dense keeps W fixed; it is for inference (train with auto, compose or "
+                               "factored)")
+        if self._dense_w is None or self._dense_w.dtype != x.dtype or self._dense_w.device != x.device:
+            with torch.no_grad():
+                self._dense_w = self.dense_weight().to(x.dtype)
+        return F.linear(x, self._dense_w, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
@@ -296,6 +309,8 @@ class SparseLowRankLinear(nn.Module):
             dt = torch.get_autocast_dtype(x.device.type)
             x = x.to(dt)
         kernel = self.chosen_kernel or self.choose_kernel(x.numel() // max(1, self.in_features), x.dtype, x.device)
+        if kernel == "dense":
+            return self._dense_forward(x, bias)
         if kernel == "factored":
             plan = None if self.values is None else self._csr.plan(self.indices, self.out_features, self.in_features)
             return _FactoredFn.apply(x, self.A, self.B, self.values, bias, plan, self.scale, self.out_features,
@@ -311,7 +326,7 @@ class SparseLowRankLinear(nn.Module):
                 + (f" ({self.chosen_kernel})" if self.kernel == "auto" and self.chosen_kernel else ""))
 
 
-def choose_kernels(model: nn.Module, tokens_per_microbatch: int, dtype, device) -> dict:
+def choose_kernels(model: nn.Module, tokens_per_microbatch: int, dtype, device, inference: bool = False) -> dict:
     """Fix every SparseLowRankLinear's kernel for a run (``auto`` layers choose from the cost model; explicit ones
     keep theirs) and return ``{"in->out": kernel}`` per layer shape, e.g. ``{"64->176": "factored"}`` -- what train
     writes to summary.json as "kernels". Deterministic: the same config picks the same kernels, on resume too.
@@ -321,6 +336,16 @@ def choose_kernels(model: nn.Module, tokens_per_microbatch: int, dtype, device) 
     found = {}
     for module in model.modules():
         if isinstance(module, SparseLowRankLinear):
-            kernel = module.choose_kernel(tokens_per_microbatch, dtype, device)
+            kernel = module.choose_kernel(tokens_per_microbatch, dtype, device, inference)
             found.setdefault(f"{module.in_features}->{module.out_features}", set()).add(kernel)
     return {shape: "/".join(sorted(kinds)) for shape, kinds in sorted(found.items())}
+
+
+def set_kernels(model: nn.Module, kernel: str) -> None:
+    """Every SparseLowRankLinear of ``model`` runs ``kernel`` from now on (auto: chosen again at the next call or
+    ``choose_kernels``); inference commands' --kernel, ``dense`` included."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    for module in model.modules():
+        if isinstance(module, SparseLowRankLinear):
+            module.kernel, module.chosen_kernel, module._dense_w = kernel, None if kernel == "auto" else kernel, None

@@ -42,6 +42,7 @@ class KernelKind(str, Enum):
     auto = "auto"  # per layer shape, the cheaper of the two for the micro-batch's tokens (an analytic cost model)
     compose = "compose"  # build the dense W, one dense matmul (the paper's)
     factored = "factored"  # never build W: rank-r products plus CSR sparse products at the fixed support
+    dense = "dense"  # inference only: W built once at load and kept (a dense layer's memory on top; fastest decode)
 
 
 @_accept_values

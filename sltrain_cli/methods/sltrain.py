@@ -21,6 +21,7 @@ class SLTrain(Method):
 
         if not (cfg.rank >= 1 or cfg.delta > 0):
             raise ConfigError("method.rank", "sltrain needs rank >= 1 or delta > 0 (use method=sparse for rank 0)")
+        check_kernel(cfg)
 
     def swap(self, linear, path, cfg):
         return sparse_lowrank_layer(linear, path, cfg, cfg.rank)
@@ -31,6 +32,14 @@ class SLTrain(Method):
     def describe(self, cfg) -> str:
         rank = f" r={cfg.rank}" if self.uses("rank") else ""
         return f"{self.name}{rank} delta={cfg.delta:g} ({getattr(cfg.support, 'value', cfg.support)} support)"
+
+
+def check_kernel(cfg) -> None:
+    from ..errors import ConfigError
+
+    if getattr(cfg.kernel, "value", cfg.kernel) == "dense":
+        raise ConfigError("method.kernel", "dense keeps W fixed, for inference only (generate, eval-ppl and "
+                                           "bench-infer take --kernel dense); train with auto, compose or factored")
 
 
 def sparse_lowrank_layer(linear, path: str, cfg, rank: int):

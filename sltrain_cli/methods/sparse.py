@@ -2,7 +2,7 @@
 from dataclasses import dataclass
 
 from . import fields
-from .sltrain import SLTrain, sparse_lowrank_layer
+from .sltrain import SLTrain, check_kernel, sparse_lowrank_layer
 
 
 @dataclass
@@ -19,6 +19,7 @@ class Sparse(SLTrain):
 
         if not cfg.delta > 0:
             raise ConfigError("method.delta", f"must be > 0 for method=sparse, got {cfg.delta}")
+        check_kernel(cfg)
 
     def swap(self, linear, path, cfg):
         return sparse_lowrank_layer(linear, path, cfg, 0)
