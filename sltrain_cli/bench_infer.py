@@ -12,7 +12,8 @@ timed interleaved, after a warm-up, over ``rounds`` rounds; medians.
 
 Row keys: method, params, weight_bytes (parameters and buffers as held for inference), peak_bytes (the peak of
 one prefill + decode: CUDA's max allocated, or on CPU the resident-set high-water mark of a fresh process that
-builds the model and runs it, above the same process before the build), prefill_tokens_per_s,
+builds the model and runs it, above the same process before the build, the build's transients left out),
+prefill_tokens_per_s,
 decode_tokens_per_s, and each one's ratio to the full-rank row (``*_vs_full``).
 """
 from __future__ import annotations
@@ -102,14 +103,30 @@ def _phases(model, batch: int, prompt_tokens: int, new_tokens: int, seed: int = 
     return t1 - t0, time.perf_counter() - t1
 
 
+def _rss() -> int:
+    from pathlib import Path
+
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def _peak_child(spec: dict) -> int:
-    """In a fresh process: the resident-set high-water mark of building one variant and running it, above the
-    process before the build (CPU)."""
+    """In a fresh process (CPU): the resident-set high-water mark while one variant, built, runs a prefill and its
+    decoding, above the process before the build. The mark is reset after the build (Linux clear_refs), so the
+    transient dense weights a method swap starts from do not count."""
+    from pathlib import Path
+
     from .tracking import peak_memory
 
     device = torch.device(spec["device"])
-    before = peak_memory(device)[0]
+    before = _rss()
     model = _variant(spec, device)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts from the current RSS
+    except OSError:
+        pass  # not Linux: the mark includes the build
     _phases(model, spec["batch"], spec["prompt_tokens"], spec["new_tokens"])
     return peak_memory(device)[0] - before
 

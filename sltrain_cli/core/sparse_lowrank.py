@@ -163,6 +163,7 @@ class SparseLowRankLinear(nn.Module):
         self.chosen_kernel: Optional[str] = None if kernel == "auto" else kernel  # auto: decided once, then kept
         self._csr = CsrCache()  # the support's CSR structure for the factored kernel (not state, never saved)
         self._dense_w: Optional[torch.Tensor] = None  # kernel="dense" (inference): W, built at the first call
+        self._infer_S: Optional[tuple] = None  # factored without autograd: (key, S as one CSR matrix), kept
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
         if rank > min(in_features, out_features):
@@ -302,6 +303,27 @@ class SparseLowRankLinear(nn.Module):
                 self._dense_w = self.dense_weight().to(x.dtype)
         return F.linear(x, self._dense_w, bias)
 
+    def _factored_inference(self, x: torch.Tensor, bias) -> torch.Tensor:
+        """The factored kernel without autograd (generate, bench-infer: the weights are fixed): the same products,
+        with S as one CSR matrix built once and kept while its values do not change -- at one token per step the
+        per-call setup of the training kernel costs more than the products."""
+        x2 = x.reshape(-1, self.in_features)
+        y = torch.mm(torch.mm(x2, self.A.t()).mul_(self.scale), self.B.t()) if self.A is not None else \
+            torch.zeros(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        if self.values is not None:
+            try:
+                version = self.values._version
+            except RuntimeError:  # inference tensors carry no version counter
+                version = -1
+            key = (self.values.data_ptr(), version, self.values.dtype, self.indices.data_ptr())
+            if self._infer_S is None or self._infer_S[0] != key:
+                plan = self._csr.plan(self.indices, self.out_features, self.in_features)
+                self._infer_S = (key, plan.S(self.values.detach()))
+            y.add_(torch.mm(self._infer_S[1], x2.t()).t())
+        if bias is not None:
+            y.add_(bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
         if torch.is_autocast_enabled(x.device.type):
@@ -311,6 +333,8 @@ class SparseLowRankLinear(nn.Module):
         kernel = self.chosen_kernel or self.choose_kernel(x.numel() // max(1, self.in_features), x.dtype, x.device)
         if kernel == "dense":
             return self._dense_forward(x, bias)
+        if kernel == "factored" and not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.float64):
+            return self._factored_inference(x, bias)  # the training kernel's products in its dtype, less setup
         if kernel == "factored":
             plan = None if self.values is None else self._csr.plan(self.indices, self.out_features, self.in_features)
             return _FactoredFn.apply(x, self.A, self.B, self.values, bias, plan, self.scale, self.out_features,
