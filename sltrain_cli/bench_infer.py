@@ -13,8 +13,7 @@ timed interleaved, after a warm-up, over ``rounds`` rounds; medians.
 Row keys: method, params, weight_bytes (parameters and buffers as held for inference), peak_bytes (the peak of
 one prefill + decode: CUDA's max allocated, or on CPU the resident-set high-water mark of a fresh process that
 builds the model and runs it, above the same process before the build, the build's transients left out),
-prefill_tokens_per_s,
-decode_tokens_per_s, and each one's ratio to the full-rank row (``*_vs_full``).
+prefill_tokens_per_s, decode_tokens_per_s, and each one's ratio to the full-rank row (``*_vs_full``).
 """
 from __future__ import annotations
 
