@@ -2,6 +2,7 @@
 
     python benchmarks/bench_generate.py                       # llama_20m (the default run's shape), 256 new tokens
     python benchmarks/bench_generate.py --model llama_60m --new-tokens 64,256
+    python benchmarks/bench_generate.py --model llama_1b --blocks 2 --method full --new-tokens 32 --no-window
 
 Variants, greedy, batch 1, a 32-token prompt, no end-of-sequence stop (every variant makes all the tokens):
   cached   sltrain's decoding: one prefill, then one token per step over the KV cache (infer.generate_ids), the model
@@ -33,6 +34,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama_20m")
     p.add_argument("--method", default="sltrain")
+    p.add_argument("--blocks", type=int, default=None, help="only this many decoder blocks (as bench-infer)")
     p.add_argument("--new-tokens", default="16,64,256", help="comma list")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=5)
@@ -50,7 +52,7 @@ def main() -> None:
     from sltrain_cli.runs import build_model
 
     cfg = load_config([f"model={args.model}", f"method={args.method}"])
-    m = dataclasses.replace(cfg.model, vocab_size=8000)
+    m = dataclasses.replace(cfg.model, vocab_size=8000, num_layers=args.blocks or cfg.model.num_layers)
     ours = build_model(m, cfg.method, seed=0, device=torch.device("cpu")).eval().requires_grad_(False)
     hf = HFLlama(LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size,
                              intermediate_size=m.intermediate_size, num_hidden_layers=m.num_layers,
@@ -60,7 +62,8 @@ def main() -> None:
                              pad_token_id=0)).eval()
     hf.load_state_dict(hf_state_dict(ours))
     prompt = torch.randint(2, m.vocab_size, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
-    print(f"# {args.model} ({args.method}), prompt {args.prompt_tokens} tokens, greedy, batch 1, {args.threads} "
+    shape = f"{args.model}" + (f" ({args.blocks} blocks)" if args.blocks else "")
+    print(f"# {shape} ({args.method}), prompt {args.prompt_tokens} tokens, greedy, batch 1, {args.threads} "
           f"thread(s), {args.rounds} interleaved rounds, medians; torch {torch.__version__}")
     print("| new tokens | variant | s per sequence | ms per token | vs hf | same tokens as hf |")
     print("|---|---|---|---|---|---|")

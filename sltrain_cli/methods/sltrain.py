@@ -38,8 +38,8 @@ def check_kernel(cfg) -> None:
     from ..errors import ConfigError
 
     if getattr(cfg.kernel, "value", cfg.kernel) == "dense":
-        raise ConfigError("method.kernel", "dense keeps W fixed, for inference only (generate, eval-ppl and "
-                                           "bench-infer take --kernel dense); train with auto, compose or factored")
+        raise ConfigError("method.kernel", "dense keeps W fixed, for inference only (generate and bench-infer "
+                                           "take --kernel dense); train with auto, compose or factored")
 
 
 def sparse_lowrank_layer(linear, path: str, cfg, rank: int):
