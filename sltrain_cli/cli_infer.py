@@ -1,5 +1,5 @@
 """The commands that use a trained model (export, generate) or measure inference (bench-infer); registered on
-cli.app, with its error handling."""
+cli_app.app, with its error handling (cli.py imports this module)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from .cli import THREADS_HELP, _user_errors, app, set_threads
+from .cli_app import THREADS_HELP, _user_errors, app, set_threads
 from .configs import UserError
 
 KERNEL_HELP = ("SLTrain / sparse layers: auto (per phase, the cost model), compose, factored, or dense (W built "
