@@ -314,6 +314,7 @@ class RunConfig:
         ignored = self.tokenizer.path and self.tokenizer.kind == TokenizerKind.auto and self.data.name != DataName.c4
         _check(not ignored, "tokenizer.path", f"is read by tokenizer.kind=pretrained or t5; kind=auto trains a BPE for "
                f"data={self.data.name.value} and would ignore it: set tokenizer.kind=pretrained to use the path")
+        get_method(self.method.name).check_run(self)  # what the method cannot combine with (methods/NAME.py)
         if self.run_name is not None:
             name = self.run_name
             _check(bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name

@@ -317,6 +317,7 @@ def estimate_memory(model_cfg: ModelConfig, method: str, rank: Optional[int] = N
         if t.galore_shape:
             state_numel = rank * max(t.galore_shape)
             full_opt_b += param_bytes * rank * min(t.galore_shape)  # the projection, in the weight dtype
+            full_opt_b += param_bytes * m.state_scalars  # one-number tensors (APOLLO's limiter norm)
         else:
             state_numel = t.numel
         if optimizer == OptimName.adamw:

@@ -29,7 +29,6 @@ import torch
 import torch.nn as nn
 
 from sltrain_cli.configs import MethodConfig, OptimConfig, OptimName, Schedule, UserError
-from sltrain_cli.core.galore import GaLoreAdamW, GaLoreAdamW8bit
 from sltrain_cli.methods import get_method
 
 BNB_MISSING = "optim.name=adamw8bit needs bitsandbytes: pip install 'sltrain[bnb]'"
@@ -104,7 +103,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: OptimConfig, me
 
 # ----------------------------------------------------------------------------- optimizers
 
-def _import_bnb():
+def import_bnb():
     try:
         import bitsandbytes as bnb
     except ImportError as e:
@@ -114,44 +113,31 @@ def _import_bnb():
     return bnb
 
 
-def _adam_kwargs(optim_cfg: OptimConfig) -> dict:
+def adam_kwargs(optim_cfg: OptimConfig) -> dict:
     return dict(lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps,
                 weight_decay=optim_cfg.weight_decay)
-
-
-def _galore_group(params, method_cfg: MethodConfig) -> dict:
-    return {"params": params, "galore": True, "rank": method_cfg.rank,
-            "update_proj_gap": method_cfg.update_proj_gap, "scale": method_cfg.scale}
-
-
-def _galore_optimizer(groups, optim_cfg: OptimConfig) -> torch.optim.Optimizer:
-    """GaLoreAdamW, or GaLoreAdamW8bit (bitsandbytes' 8-bit blockwise moments) for optim.name=adamw8bit."""
-    if OptimName(optim_cfg.name) == OptimName.adamw8bit:
-        _import_bnb()
-        return GaLoreAdamW8bit(groups, **_adam_kwargs(optim_cfg), blocksize=BNB_BLOCKSIZE,
-                               min_8bit_size=BNB_MIN_8BIT_SIZE)
-    return GaLoreAdamW(groups, **_adam_kwargs(optim_cfg))
 
 
 def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, method_cfg: MethodConfig) -> torch.optim.Optimizer:
     """One optimizer over the trainable parameters of ``model``.
 
-    A method with projected parameters (``Method.projected_params``: GaLore): GaLoreAdamW (GaLoreAdamW8bit with
-    optim.name=adamw8bit) with a projected group for those weights and a plain group for the rest. Otherwise
+    A method with projected parameters (``Method.projected_params``: GaLore, APOLLO): the method's own optimizer
+    (``projected_optimizer``) with its projected group for those weights and a plain group for the rest. Otherwise
     optim.name=adamw8bit: bitsandbytes AdamW8bit; adamw: torch AdamW.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("the model has no trainable parameters")
-    kw = _adam_kwargs(optim_cfg)
-    targets = get_method(method_cfg.name).projected_params(model, method_cfg)
+    kw = adam_kwargs(optim_cfg)
+    method = get_method(method_cfg.name)
+    targets = method.projected_params(model, method_cfg)
     if targets:
         ids = {id(p) for p in targets}
         others = [p for p in params if id(p) not in ids]
-        groups = ([{"params": others}] if others else []) + [_galore_group(targets, method_cfg)]
-        return _galore_optimizer(groups, optim_cfg)
+        groups = ([{"params": others}] if others else []) + [method.projected_group(targets, method_cfg)]
+        return method.projected_optimizer(groups, optim_cfg)
     if OptimName(optim_cfg.name) == OptimName.adamw8bit:
-        return _import_bnb().optim.AdamW8bit(params, **kw)
+        return import_bnb().optim.AdamW8bit(params, **kw)
     return torch.optim.AdamW(params, **kw)
 
 
@@ -183,18 +169,19 @@ class LayerwiseOptimizer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise UserError("the model has no trainable parameters")
-        kw = _adam_kwargs(optim_cfg)
+        kw = adam_kwargs(optim_cfg)
         self.base_lr = optim_cfg.lr
-        galore_ids = {id(p) for p in get_method(method_cfg.name).projected_params(model, method_cfg)}
+        method = get_method(method_cfg.name)
+        projected = {id(p) for p in method.projected_params(model, method_cfg)}
         eight_bit = OptimName(optim_cfg.name) == OptimName.adamw8bit
-        bnb = _import_bnb() if eight_bit else None
+        bnb = import_bnb() if eight_bit else None
         self.optimizers: List[torch.optim.Optimizer] = []
         self._by_param: Dict[int, torch.optim.Optimizer] = {}
         for p in self.params:
-            if id(p) in galore_ids:
-                opt = _galore_optimizer([_galore_group([p], method_cfg)], optim_cfg)
-            elif galore_ids:  # the same update as the plain group of build_optimizer's GaLore optimizer
-                opt = _galore_optimizer([p], optim_cfg)
+            if id(p) in projected:
+                opt = method.projected_optimizer([method.projected_group([p], method_cfg)], optim_cfg)
+            elif projected:  # the same update as the plain group of build_optimizer's projecting optimizer
+                opt = method.projected_optimizer([p], optim_cfg)
             elif eight_bit:
                 opt = bnb.optim.AdamW8bit([p], **kw)
             else:

@@ -8,7 +8,9 @@ nothing (method=full). A new method overrides what it needs:
                     warm_start); the others are marked "(unused by method=...)" in config.yaml and blanked in tables
     check           rules across its fields, as ConfigError("method.KEY", ...) (each field's own range is in Config)
     swap            the layer that replaces one target nn.Linear (None: the target stays dense)
-    projected_params  the weights whose Adam moments live in a projected space (GaLore)
+    projected_params  the weights whose Adam moments live in a projected space (GaLore, APOLLO); with
+                    projected_group and projected_optimizer, the optimizer that steps them
+    check_run       rules across the whole run config (e.g. an optimizer it cannot use)
     schedule        an lr schedule of its own (ReLoRA's jagged cosine), else None
     after_step      what happens after each optimizer step (ReLoRA's merge)
     paper_params    how the paper's memory table counts its parameters (ReLoRA: full + low-rank model)
@@ -37,6 +39,7 @@ class Method:
     dense_weights: bool = True  # its target layers stay nn.Linear (swap builds nothing): full, galore
     builds_dense_weight: bool = False
     low_rank_activations: bool = False
+    state_scalars: int = 0  # one-number tensors its optimizer keeps per projected weight (APOLLO's limiter norm)
 
     @property
     def keys(self) -> Tuple[str, ...]:
@@ -67,6 +70,17 @@ class Method:
         """Parameters whose optimizer moments are kept in a low-rank projection (GaLore); [] for plain Adam."""
         return []
 
+    def projected_group(self, params: list, cfg) -> dict:
+        """The optimizer parameter group of the projected params (their hyperparameters beside them)."""
+        raise NotImplementedError(f"method={self.name} projects no parameters")
+
+    def projected_optimizer(self, groups: list, optim_cfg):
+        """The optimizer over ``groups`` (plain parameters first, then projected_group's)."""
+        raise NotImplementedError(f"method={self.name} projects no parameters")
+
+    def check_run(self, run_cfg) -> None:
+        """Rules that need the whole RunConfig (an optimizer or training mode the method cannot use)."""
+
     def schedule(self, cfg, total_steps: int, warmup: int, min_lr_ratio: float) -> Optional[Callable[[int], float]]:
         """step -> lr factor, when the method has a schedule of its own; None: the run's optim.schedule."""
         return None
@@ -93,3 +107,23 @@ def require_rank(method: Method, cfg) -> None:
 
     if cfg.rank < 1:
         raise ConfigError("method.rank", f"must be >= 1 for method={method.name}, got {cfg.rank}")
+
+
+def linear_weights(method: Method, model, cfg) -> list:
+    """Trainable 2-D weights of the nn.Linear modules whose attribute name is in ``target_modules``
+    (``layers.0.attn.q`` -> ``q``), in module order: what GaLore and APOLLO project."""
+    import torch.nn as nn
+
+    from ..errors import UserError
+
+    targets, seen = [], set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in cfg.target_modules:
+            w = module.weight
+            if w.requires_grad and w.dim() == 2 and id(w) not in seen:
+                seen.add(id(w))
+                targets.append(w)
+    if not targets:
+        raise UserError(f"method={method.name} found no trainable nn.Linear named in method.target_modules="
+                        f"{list(cfg.target_modules)}")
+    return targets

@@ -1,19 +1,14 @@
 """method=galore: dense weights; the Adam moments of the target weights live in a rank-r projection of their
 gradients, refreshed by an SVD every update_proj_gap steps (core/galore.py has the optimizer)."""
-import math
 from dataclasses import dataclass
 
 from . import fields
-from .base import Method, require_rank
+from .base import Method, linear_weights, require_rank
 
 
 @dataclass
-class Config(fields.Common, fields.Targets, fields.Rank):
+class Config(fields.Common, fields.Projection, fields.Targets, fields.Rank):
     """method=galore: the projection's rank, which weights it projects, how often it is refreshed, its scale."""
-
-    update_proj_gap: int = fields.option(200, "galore: steps between projector refreshes", at_least=1)
-    scale: float = fields.option(0.25, "galore: scale of the projected-back update",
-                                 lambda v: math.isfinite(v) and v > 0, "must be finite, > 0")
 
 
 class GaLore(Method):
@@ -27,23 +22,23 @@ class GaLore(Method):
         require_rank(self, cfg)
 
     def projected_params(self, model, cfg) -> list:
-        """Trainable 2-D weights of the nn.Linear modules whose attribute name is in ``target_modules``
-        (``layers.0.attn.q`` -> ``q``), in module order."""
-        import torch.nn as nn
+        return linear_weights(self, model, cfg)
 
-        from ..errors import UserError
+    def projected_group(self, params, cfg) -> dict:
+        return {"params": params, "galore": True, "rank": cfg.rank, "update_proj_gap": cfg.update_proj_gap,
+                "scale": cfg.scale}
 
-        targets, seen = [], set()
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in cfg.target_modules:
-                w = module.weight
-                if w.requires_grad and w.dim() == 2 and id(w) not in seen:
-                    seen.add(id(w))
-                    targets.append(w)
-        if not targets:
-            raise UserError(f"method={self.name} found no trainable nn.Linear named in method.target_modules="
-                            f"{list(cfg.target_modules)}")
-        return targets
+    def projected_optimizer(self, groups, optim_cfg):
+        """GaLoreAdamW, or GaLoreAdamW8bit (bitsandbytes' 8-bit blockwise moments) for optim.name=adamw8bit."""
+        from ..choices import OptimName
+        from ..core.galore import GaLoreAdamW, GaLoreAdamW8bit
+        from ..core.optim import BNB_BLOCKSIZE, BNB_MIN_8BIT_SIZE, adam_kwargs, import_bnb
+
+        if OptimName(optim_cfg.name) == OptimName.adamw8bit:
+            import_bnb()
+            return GaLoreAdamW8bit(groups, **adam_kwargs(optim_cfg), blocksize=BNB_BLOCKSIZE,
+                                   min_8bit_size=BNB_MIN_8BIT_SIZE)
+        return GaLoreAdamW(groups, **adam_kwargs(optim_cfg))
 
 
 METHOD = GaLore()
