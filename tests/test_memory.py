@@ -188,7 +188,7 @@ def test_load_model_config_env(tmp_path, monkeypatch):
 
 def test_memory_rows_all():
     rows = memory_rows("60m", "all", None, None, "adamw", False, "int64", 1, 256, False, False, None)
-    assert [r["method"] for r in rows] == ["full", "lowrank", "relora", "galore", "sltrain", "sparse", "apollo"]
+    assert [r["method"] for r in rows] == ["full", "lowrank", "relora", "galore", "sltrain", "sparse", "apollo", "fira"]
     sl = next(r for r in rows if r["method"] == "sltrain")
     assert {"rank": sl["rank"], "delta": sl["delta"]} == _paper_recipe("60m")  # conf/experiment/paper_60m.yaml
     assert sl["device"] == "cuda" and all("measured_gb" not in r for r in rows)
@@ -244,6 +244,7 @@ def _real_state_bytes(cfg, method, optim, layerwise, dtype):
 CASES = ([(m, "adamw", False, torch.float32) for m in METHODS]
          + [("sltrain", "adamw", False, torch.bfloat16), ("galore", "adamw", True, torch.float32),
             ("apollo", "adamw", False, torch.float32), ("apollo", "adamw", False, torch.bfloat16),
+            ("fira", "adamw", False, torch.float32), ("fira", "adamw", True, torch.bfloat16),
             ("full", "adamw8bit", False, torch.float32), ("sltrain", "adamw8bit", True, torch.float32),
             ("galore", "adamw8bit", False, torch.float32), ("galore", "adamw8bit", True, torch.bfloat16)])
 SLOW_CASES = [(m, o, lw, dt) for m in METHODS for o in ("adamw", "adamw8bit") for lw in (False, True)
@@ -402,7 +403,7 @@ def test_memory_estimate_cli_formats_and_out(tmp_path):
     result = _cli("--size", "60m", "--format", "json")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
-    assert [r["method"] for r in rows] == ["full", "lowrank", "relora", "galore", "sltrain", "sparse", "apollo"]
+    assert [r["method"] for r in rows] == ["full", "lowrank", "relora", "galore", "sltrain", "sparse", "apollo", "fira"]
     by_method = {r["method"]: r for r in rows}
     for method, sizes in PAPER_TABLE.items():  # the paper's numbers, through the command line
         params_m, mem_g = sizes["60m"]

@@ -132,11 +132,11 @@ class Sparse:
 
 @dataclass
 class Projection:
-    """Methods whose optimizer keeps its moments in a rank-r projection of the gradient (galore, apollo); the
-    conf/method/NAME.yaml of each sets its own values."""
+    """Methods whose optimizer keeps its moments in a rank-r projection of the gradient (galore, apollo, fira);
+    the conf/method/NAME.yaml of each sets its own values."""
 
     update_proj_gap: int = option(200, "steps between projector refreshes (galore: an SVD of the gradient; apollo: "
                                        "a new random draw)", at_least=1)
-    scale: float = option(0.25, "galore: the projected-back update times scale (0.25); apollo: the update times "
-                                "sqrt(scale) (1; APOLLO-Mini 128)", lambda v: math.isfinite(v) and v > 0,
-                          "must be finite, > 0")
+    scale: float = option(0.25, "galore, fira (its alpha): the projected-back update times scale (0.25); apollo: "
+                                "the update times sqrt(scale) (1; APOLLO-Mini 128)",
+                          lambda v: math.isfinite(v) and v > 0, "must be finite, > 0")

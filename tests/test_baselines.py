@@ -1,5 +1,6 @@
-"""method=apollo: core/apollo.py equals the reference (apollo-torch 1.0.3, a test extra) bitwise, resumes bitwise,
-trains from the command line (APOLLO and APOLLO-Mini), and refuses what it cannot do in one line."""
+"""method=apollo and method=fira: core/apollo.py and core/fira.py equal their references (apollo-torch 1.0.3, fira
+1.0.2: test extras) bitwise, resume bitwise, train from the command line (APOLLO, APOLLO-Mini, Fira), and refuse what
+they cannot do in one line."""
 import io
 
 import pytest
@@ -75,7 +76,27 @@ def test_resume_is_bitwise_with_weights_only_load():
     assert {"proj", "proj_seed", "update_norm", "exp_avg", "exp_avg_sq", "step"} <= set(st)
 
 
+@pytest.mark.parametrize("alpha", [0.25, 1.0])
+def test_fira_equals_the_reference_bitwise(alpha):
+    """Fira (fira 1.0.2) at its scripts' alpha 0.25 (where the reference's residual keeps (1 - alpha) of the
+    projected gradient; we follow it) and at 1: 12 steps across four SVD refreshes, bitwise."""
+    from fira import FiraAdamW as Reference
+
+    from sltrain_cli.core.fira import FiraAdamW
+
+    ours_p, ref_p = _params(), _params()
+    ours = FiraAdamW([{"params": ours_p[3:]}, {"params": ours_p[:3], "galore": True, "rank": 4, "update_proj_gap": 3,
+                                               "scale": alpha}], lr=0.01, weight_decay=0.1, eps=1e-8)
+    ref = Reference([{"params": ref_p[3:]}, {"params": ref_p[:3], "rank": 4, "update_proj_gap": 3, "alpha": alpha,
+                                              "proj_type": "std"}], lr=0.01, weight_decay=0.1, eps=1e-8)
+    _steps([(ours, ours_p), (ref, ref_p)], 12)
+    for a, b in zip(ours_p, ref_p):
+        assert torch.equal(a, b), (a - b).abs().max()
+    assert set(ours.state[ours_p[0]]) >= {"proj", "update_norm", "exp_avg", "exp_avg_sq", "step"}
+
+
 @pytest.mark.parametrize("overrides, key, words", [
+    (["method=fira", "optim=adamw8bit"], "optim.name", "32-bit moments"),
     (["method=apollo", "optim=adamw8bit"], "optim.name", "32-bit moments"),
     (["method=apollo", "train.layerwise=true", "optim.grad_clip=0"], "train.layerwise", "layer-wise"),
     (["method=apollo", "method.scale_type=row"], "method.scale_type", "channel or tensor"),
@@ -90,19 +111,21 @@ def test_what_apollo_cannot_do_is_one_line(overrides, key, words):
     assert str(err.value).startswith(f"{key}: ") and words in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.slow  # two tiny pretrains: ~15 s
-@pytest.mark.parametrize("extra", [["rank=16"], ["rank=1", "method.scale_type=tensor", "method.scale=128"]])
-def test_pretrain_with_apollo(tmp_path, cache_dir, extra):
+@pytest.mark.slow  # three tiny pretrains: ~20 s
+@pytest.mark.parametrize("extra", [["method=apollo", "rank=16"],
+                                   ["method=apollo", "rank=1", "method.scale_type=tensor", "method.scale=128"],
+                                   ["method=fira", "rank=16"]])
+def test_pretrain_with_a_new_baseline(tmp_path, cache_dir, extra):
     import json
     import subprocess
     import sys
 
     from helpers import tiny_overrides
 
-    args = tiny_overrides(tmp_path, "method=apollo", "method.update_proj_gap=3", "run_name=a", *extra)
+    args = tiny_overrides(tmp_path, "method.update_proj_gap=3", "run_name=a", *extra)
     proc = subprocess.run([sys.executable, "-m", "sltrain_cli", "pretrain", "--quiet", *args], capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "pretrain" / "a" / "summary.json").read_text())
-    assert summary["method"] == "apollo" and summary["status"] == "completed"
+    assert summary["method"] == extra[0].split("=")[1] and summary["status"] == "completed"
     assert summary["val_ppl"] < summary["unigram_ppl"] * 3 and summary["optimizer_state_bytes"] > 0
