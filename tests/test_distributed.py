@@ -65,7 +65,7 @@ def _final_weights(run_dir, overrides):
     return load_run(run_dir).model.state_dict()
 
 
-@pytest.mark.parametrize("method", ["sltrain", "full"])
+@pytest.mark.parametrize("method", ["sltrain", "full", "apollo"])
 def test_ddp_two_processes_match_one(tmp_path, cache_dir, method):
     _run(tmp_path, 1, f"method={method}", "rank=8", "run_name=one")
     _run(tmp_path, 2, f"method={method}", "rank=8", "run_name=two")

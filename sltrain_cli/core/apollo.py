@@ -29,6 +29,9 @@ from typing import Iterable
 
 import torch
 
+from .fira import limit_norm_growth
+from .galore import GaLoreAdamW
+
 SEED_ADVANCE = 15  # the reference's next_seed: the last of 15 draws of a generator seeded with the current seed
 
 
@@ -45,9 +48,10 @@ def random_projection(grad: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
     return proj if grad.dtype == torch.float32 else proj.to(grad.dtype)
 
 
-class APOLLOAdamW(torch.optim.Optimizer):
+class APOLLOAdamW(GaLoreAdamW):
     """Groups flagged ``apollo=True`` (with ``rank``, ``scale_type`` channel | tensor, ``scale``,
-    ``update_proj_gap``) hold the target matrices; see the module doc."""
+    ``update_proj_gap``) hold the target matrices; see the module doc. GaLoreAdamW's loop and Adam arithmetic with
+    APOLLO's projection (``_project``) and update (``_update``)."""
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, rank: int = 128, scale_type: str = "channel", scale: float = 1.0,
@@ -59,7 +63,7 @@ class APOLLOAdamW(torch.optim.Optimizer):
                              f"{rank}, {update_proj_gap}, {scale_type!r}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, apollo=False, rank=rank,
                         scale_type=scale_type, scale=scale, update_proj_gap=update_proj_gap)
-        super().__init__(params, defaults)
+        torch.optim.Optimizer.__init__(self, params, defaults)
         index = 0
         for group in self.param_groups:
             for p in group["params"]:
@@ -67,45 +71,24 @@ class APOLLOAdamW(torch.optim.Optimizer):
                 if p.requires_grad:
                     self.state[p]["proj_seed"] = index
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad, state = p.grad, self.state[p]
-                state.setdefault("step", 0)
-                projected = group["apollo"] and p.dim() == 2
-                if projected:
-                    right = grad.shape[0] >= grad.shape[1]
-                    if "proj" not in state or state["step"] % group["update_proj_gap"] == 0:
-                        state["proj"] = random_projection(grad, group["rank"], state["proj_seed"])
-                        state["proj_seed"] = next_seed(state["proj_seed"])
-                    proj = state["proj"]
-                    low = grad @ proj.t() if right else proj.t() @ grad
-                else:
-                    low = grad
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(low)
-                    state["exp_avg_sq"] = torch.zeros_like(low)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                state["step"] += 1
-                exp_avg.mul_(beta1).add_(low, alpha=1.0 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
-                denom = exp_avg_sq.sqrt().add_(group["eps"])
-                step_size = group["lr"] * math.sqrt(1.0 - beta2 ** state["step"]) / (1.0 - beta1 ** state["step"])
-                update = exp_avg / denom
-                if projected:
-                    update = self._scaled_gradient(p.grad, low, update, right, group, state)
-                p.add_(update, alpha=-step_size)
-                if group["weight_decay"] > 0.0:
-                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
-        return loss
+    def _project(self, p: torch.Tensor, state: dict, group: dict):
+        """R = the gradient in the random projection (redrawn on schedule), or None for a plain parameter."""
+        if not (group["apollo"] and p.dim() == 2):
+            return None
+        grad = p.grad
+        if "proj" not in state or state["step"] % group["update_proj_gap"] == 0:
+            state["proj"] = random_projection(grad, group["rank"], state["proj_seed"])
+            state["proj_seed"] = next_seed(state["proj_seed"])
+        proj = state["proj"]
+        return grad @ proj.t() if self.right_side(grad.shape) else proj.t() @ grad
+
+    def _update(self, p: torch.Tensor, state: dict, group: dict, R) -> None:
+        update, step_size = self._adam(state, p.grad if R is None else R, group)
+        if R is not None:
+            update = self._scaled_gradient(p.grad, R, update, self.right_side(p.shape), group, state)
+        p.add_(update, alpha=-step_size)
+        if group["weight_decay"] > 0.0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
     @staticmethod
     def _scaled_gradient(grad, low, normalized, right: bool, group, state) -> torch.Tensor:
@@ -117,12 +100,4 @@ class APOLLOAdamW(torch.optim.Optimizer):
                 factor = factor.unsqueeze(1)
         else:
             factor = torch.norm(normalized) / (torch.norm(low) + 1e-8)
-        scaled = grad * factor
-        norm = torch.norm(scaled)
-        if "update_norm" in state:
-            limiter = max(norm / (state["update_norm"] + 1e-8), 1.01) / 1.01
-            scaled = scaled / limiter
-            state["update_norm"] = norm / limiter
-        else:
-            state["update_norm"] = norm
-        return scaled * math.sqrt(group["scale"])
+        return limit_norm_growth(grad * factor, state) * math.sqrt(group["scale"])

@@ -20,11 +20,22 @@ The state is tensors and ints (GaLore's plus the limiter's ``update_norm``): res
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .galore import GaLoreAdamW
+
+
+def limit_norm_growth(update: torch.Tensor, state: dict) -> torch.Tensor:
+    """Fira's norm-growth limiter (APOLLO uses it too): an update whose norm grew by more than 1% over the last one
+    is scaled back to 1.01 times it; ``state["update_norm"]`` keeps the (limited) norm. The references' arithmetic."""
+    norm = torch.norm(update)
+    if "update_norm" in state:
+        limiter = max(norm / (state["update_norm"] + 1e-8), 1.01) / 1.01
+        update = update / limiter
+        state["update_norm"] = norm / limiter
+    else:
+        state["update_norm"] = norm
+    return update
 
 
 class FiraAdamW(GaLoreAdamW):
@@ -33,32 +44,13 @@ class FiraAdamW(GaLoreAdamW):
     def _update(self, p: torch.Tensor, state: dict, group: dict, R) -> None:
         if R is None:
             return super()._update(p, state, group, R)
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(R, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(R, memory_format=torch.preserve_format)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        state["step"] += 1
-        t = state["step"]
-        exp_avg.mul_(beta1).add_(R, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
-        denom = exp_avg_sq.sqrt().add_(eps)
-        step_size = lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
-        normalized = exp_avg / denom
-        del denom
+        normalized, step_size = self._adam(state, R, group)
         scale = group["scale"]
         dim = 0 if normalized.shape[0] < normalized.shape[1] else 1
         factor = torch.norm(normalized, dim=dim) / (torch.norm(R, dim=dim) + 1e-8)
         if dim == 1:
             factor = factor.unsqueeze(1)
-        rest = (p.grad - self._back(p, state, R) * scale) * factor
-        norm = torch.norm(rest)
-        if "update_norm" in state:
-            limiter = max(norm / (state["update_norm"] + 1e-8), 1.01) / 1.01
-            rest = rest / limiter
-            state["update_norm"] = norm / limiter
-        else:
-            state["update_norm"] = norm
+        rest = limit_norm_growth((p.grad - self._back(p, state, R) * scale) * factor, state)
         p.add_(self._back(p, state, normalized) * scale + rest, alpha=-step_size)
-        if wd > 0.0:
-            p.add_(p, alpha=-lr * wd)
+        if group["weight_decay"] > 0.0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])

@@ -89,28 +89,30 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 state = self.state[p]
-                if not state:
-                    state["step"] = 0
+                state.setdefault("step", 0)
                 self._update(p, state, group, self._project(p, state, group))
         return loss
 
-    def _update(self, p: torch.Tensor, state: dict, group: dict, R: Optional[torch.Tensor]) -> None:
-        """One Adam step of ``p`` from its projected gradient ``R`` (None: the plain gradient)."""
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        grad = p.grad if R is None else R
+    @staticmethod
+    def _adam(state: dict, grad: torch.Tensor, group: dict) -> tuple:
+        """Adam's moments of ``grad`` (R, or the plain gradient) advanced one step: (m / (sqrt(v) + eps), the
+        bias-corrected step size) -- the reference's arithmetic, op for op (galore_torch/adamw.py)."""
+        (beta1, beta2), eps = group["betas"], group["eps"]
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         state["step"] += 1
         t = state["step"]
-        # the reference's arithmetic, op for op (galore_torch/adamw.py)
         exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
         denom = exp_avg_sq.sqrt().add_(eps)
-        step_size = lr * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
-        direction = exp_avg / denom
-        del denom
+        return exp_avg / denom, group["lr"] * math.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+
+    def _update(self, p: torch.Tensor, state: dict, group: dict, R: Optional[torch.Tensor]) -> None:
+        """One Adam step of ``p`` from its projected gradient ``R`` (None: the plain gradient)."""
+        lr, wd = group["lr"], group["weight_decay"]
+        direction, step_size = self._adam(state, p.grad if R is None else R, group)
         if R is not None:
             direction = self._back(p, state, direction).mul_(group["scale"])
         p.add_(direction, alpha=-step_size)
