@@ -230,8 +230,8 @@ def _save_png(fig, ax, path: Path | str, *, xlabel: str, ylabel: str, title: str
 
 
 # ----------------------------------------------------------------------------------------- compare
-COMPARE_COLUMNS = ["#", "run", "method", "rank", "delta", "params_total", "est_mem_gb", "tokens", "tokens_per_s",
-                   "val_ppl", "status"]
+COMPARE_COLUMNS = ["#", "run", "method", "rank", "delta", "params_total", "optimizer_state_mb", "est_mem_gb",
+                   "tokens", "tokens_per_s", "val_ppl", "status"]
 
 
 def find_runs(paths: Sequence[Path | str]) -> List[Path]:
@@ -285,7 +285,8 @@ def compare_runs(paths: Sequence[Path | str], out: Optional[Path] = None, key: O
         runs, summaries = [runs[i] for i in keep], [summaries[i] for i in keep]
         for note in notes:
             console.print(note, highlight=False)
-    rows = [{"#": i + 1, **summary_row(s), "run": r.name, "tokens_per_s": s.get("tokens_per_s")}
+    rows = [{"#": i + 1, **summary_row(s), "run": r.name, "tokens_per_s": s.get("tokens_per_s"),
+             "optimizer_state_mb": s["optimizer_state_bytes"] / 1e6 if s.get("optimizer_state_bytes") else None}
             for i, (r, s) in enumerate(zip(runs, summaries))]
     print_table(frame(rows), title="compare", columns=COMPARE_COLUMNS, console=console)
     out = Path(out) if out is not None else Path("outputs") / "compare" / "compare.png"
