@@ -224,9 +224,15 @@ def test_c4_mirror_run_records_the_data_wait_and_the_datasets_version(c4_mirror,
     (("data.path={empty}",), ["data.path", "no C4 train shards", "c4-{train,validation}.NNNNN-of-NNNNN.json.gz"]),
 ])
 def test_bad_harness_input_is_one_line(c4_mirror, tmp_path, args, names):
+    from typer.testing import CliRunner
+
+    from sltrain_cli.cli import app
+
     (tmp_path / "empty").mkdir()
-    proc = _pretrain(tmp_path / "out", c4_mirror, *(a.format(empty=tmp_path / "empty") for a in args))
-    err = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), proc.stderr
+    args = ["model=tiny", "train=tiny", "data=c4", f"data.path={c4_mirror}", f"tokenizer.path={T5}",
+            f"out_dir={tmp_path / 'out'}", *(a.format(empty=tmp_path / "empty") for a in args)]
+    result = CliRunner().invoke(app, ["pretrain", "--quiet", *args])
+    err = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(err) == 1 and err[0].startswith("error: "), result.output
     assert all(n in err[0] for n in names), err[0]
     assert not (tmp_path / "out" / "pretrain").exists() or not any((tmp_path / "out" / "pretrain").iterdir())
