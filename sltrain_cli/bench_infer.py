@@ -81,7 +81,7 @@ def _held_bytes(model) -> tuple[int, int]:
 def _phases(model, batch: int, prompt_tokens: int, new_tokens: int, seed: int = 0) -> tuple[float, float]:
     """Seconds of one prefill and of ``new_tokens`` cached single-token steps (greedy)."""
     from .core.model import KVCache
-    from .core.sparse_lowrank import choose_kernels
+    from .infer import prefill
 
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
@@ -89,13 +89,11 @@ def _phases(model, batch: int, prompt_tokens: int, new_tokens: int, seed: int = 
     ids = torch.randint(2, model.config.vocab_size, (batch, prompt_tokens), generator=gen).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cache = KVCache(model.config, batch, prompt_tokens + new_tokens, device, dtype)
-    choose_kernels(model, batch * prompt_tokens, dtype, device, inference=True)
     sync()
     t0 = time.perf_counter()
-    logits = model.decode(ids, cache)
+    logits = prefill(model, ids, cache)  # the kernel choices (a cost formula per layer) are timed with it
     sync()
     t1 = time.perf_counter()
-    choose_kernels(model, batch, dtype, device, inference=True)
     for _ in range(new_tokens):
         logits = model.decode(logits.argmax(-1, keepdim=True), cache)
     sync()
@@ -130,13 +128,14 @@ def _peak_child(spec: dict) -> int:
     return peak_memory(device)[0] - before
 
 
-def _variant(spec: dict, device):
+def _variant(spec: dict, device, run=None):
+    """The model one spec measures; a trained run is loaded here unless given (the parent process loads it once)."""
     from .core.sparse_lowrank import set_kernels
 
     if spec.get("run"):
         from .runs import load_run
 
-        run = load_run(spec["run"])
+        run = run or load_run(spec["run"])
         model = run.model.to(device).to(DTYPES[spec["dtype"]]).eval().requires_grad_(False)
         model = dense_twin(model) if spec["method"] == "full" and run.cfg.method.name.value != "full" else model
     else:
@@ -161,8 +160,9 @@ def _peak(spec: dict, model, device) -> int:
 
 
 def check_shape(size: Optional[str], run: Optional[Path], blocks: Optional[int], batch: int, prompt_tokens: int,
-                new_tokens: int, dtype: str, methods: Sequence[str]):
-    """The options' one-line refusals; returns the model config the variants share."""
+                new_tokens: int, dtype: str, methods: Sequence[str], kernel: str):
+    """The options' one-line refusals; returns the trained run when there is one (loaded once, here), else None."""
+    from .core.kernel_choice import KERNELS
     from .methods import method_names
 
     if (size is None) == (run is None):
@@ -175,6 +175,8 @@ def check_shape(size: Optional[str], run: Optional[Path], blocks: Optional[int],
     for key, value in (("--batch", batch), ("--prompt-tokens", prompt_tokens), ("--new-tokens", new_tokens)):
         if value < 1:
             raise ConfigError(key, f"must be >= 1, got {value}")
+    if kernel not in KERNELS:
+        raise ConfigError("--kernel", f"must be one of {', '.join(KERNELS)}, got {kernel!r}")
     unknown = [m for m in methods if m not in method_names()]
     if not methods or unknown:
         raise ConfigError("--methods", f"choose from {', '.join(method_names())}, got {','.join(methods)!r}")
@@ -183,38 +185,35 @@ def check_shape(size: Optional[str], run: Optional[Path], blocks: Optional[int],
     if run is not None:
         from .export import open_run
 
-        stored = open_run(run).cfg
-        model_cfg, known = stored.model, {stored.method.name.value, "full"}
+        loaded = open_run(run)
+        model_cfg, known = loaded.cfg.model, {loaded.cfg.method.name.value, "full"}
         if set(methods) - known:
             raise ConfigError("--methods", f"a run is measured in its own form ({sorted(known - {'full'})[0]}) and "
                                            f"as its dense twin (full); got {','.join(methods)}")
     else:
-        model_cfg = _configs(size, "full", None)[0]
+        loaded, model_cfg = None, _configs(size, "full", None)[0]
     if blocks is not None and not 1 <= blocks <= model_cfg.num_layers:
         raise ConfigError("--blocks", f"must be in [1, {model_cfg.num_layers}] (the model's blocks), got {blocks}")
     if prompt_tokens + new_tokens > model_cfg.max_seq_len:
         raise ConfigError("--new-tokens", f"--prompt-tokens + --new-tokens = {prompt_tokens + new_tokens} is more "
                                           f"than the model's max_seq_len {model_cfg.max_seq_len}")
-    return model_cfg
+    return loaded
 
 
 def bench_infer(size: Optional[str] = None, run: Optional[Path] = None, blocks: Optional[int] = None,
                 methods: Sequence[str] = ("sltrain", "full"), batch: int = 1, prompt_tokens: int = 32,
                 new_tokens: int = 32, dtype: str = "fp32", device: str = "cpu", rounds: int = 5,
-                kernel: str = "auto", progress=None) -> List[dict]:
+                kernel: str = "auto") -> List[dict]:
     """The rows of the module doc, one per method (in ``methods`` order)."""
-    from .core.kernel_choice import KERNELS
     from .distributed import resolve_device
 
-    check_shape(size, run, blocks, batch, prompt_tokens, new_tokens, dtype, methods)
-    if kernel not in KERNELS:
-        raise ConfigError("--kernel", f"must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    loaded = check_shape(size, run, blocks, batch, prompt_tokens, new_tokens, dtype, methods, kernel)
     dev = resolve_device(device)
     specs = [{"size": size, "run": str(run) if run else None, "method": m, "blocks": blocks, "dtype": dtype,
               "device": str(dev), "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
               "kernel": kernel}
              for m in methods]
-    models = [_variant(spec, dev) for spec in specs]
+    models = [_variant(spec, dev, loaded) for spec in specs]
     times = [([], []) for _ in specs]
     for model in models:  # warm-up: first calls allocate, pick kernels, fill caches
         _phases(model, batch, prompt_tokens, min(new_tokens, 4))
@@ -223,8 +222,6 @@ def bench_infer(size: Optional[str] = None, run: Optional[Path] = None, blocks: 
             prefill, decode = _phases(models[i], batch, prompt_tokens, new_tokens, seed=r)
             times[i][0].append(prefill)
             times[i][1].append(decode)
-            if progress:
-                progress()
     rows = []
     for spec, model, (prefill, decode) in zip(specs, models, times):
         params, held = _held_bytes(model)

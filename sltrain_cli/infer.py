@@ -34,6 +34,16 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_k: int, gen: torc
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)[:, 0]
 
 
+def prefill(model, ids: torch.Tensor, cache: KVCache, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Run a prompt batch (batch, t) into ``cache``: the logits after its last position. SLTrain layers run the
+    kernel ``auto`` picks for the prefill's tokens, then the one it picks for one-token steps."""
+    param = next(model.parameters())
+    choose_kernels(model, ids.numel(), param.dtype, param.device, inference=True)
+    logits = model.decode(ids, cache, mask)
+    choose_kernels(model, ids.shape[0], param.dtype, param.device, inference=True)
+    return logits
+
+
 def _prefill(model, rows: Sequence[Sequence[int]], pad_id: int, capacity: int, device, dtype):
     """A fresh cache holding the left-padded ``rows``, and the logits after each row's last token."""
     width = max(len(r) for r in rows)
@@ -43,10 +53,7 @@ def _prefill(model, rows: Sequence[Sequence[int]], pad_id: int, capacity: int, d
         ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
         mask[i, width - len(r):] = True
     cache = KVCache(model.config, len(rows), capacity, device, dtype)
-    choose_kernels(model, ids.numel(), dtype, device, inference=True)  # SLTrain layers: the prefill's kernel
-    logits = model.decode(ids.to(device), cache, mask.to(device))
-    choose_kernels(model, len(rows), dtype, device, inference=True)  # and each decoding step's
-    return cache, logits
+    return cache, prefill(model, ids.to(device), cache, mask.to(device))
 
 
 @torch.no_grad()

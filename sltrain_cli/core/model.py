@@ -169,8 +169,8 @@ class KVCache:
 
     def append(self, mask: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Room for mask.shape[1] new positions (mask: (batch, t) bool, False = padding): their rotary positions
-        (batch, t) and the attention mask (batch, 1, t, length) over the cache, or None where plain causal
-        attention is the same (no padding)."""
+        (batch, t) and the attention mask (batch, 1, t, length) over the cache, or None where SDPA's own rule is
+        the same (no padding, and either a prefill from position 0 -- causal -- or one new token -- all)."""
         b, t = mask.shape
         start = self.length
         if start + t > self.capacity:
@@ -180,7 +180,7 @@ class KVCache:
         self.next_pos += mask.long().sum(1)
         self.padded |= not bool(mask.all())
         self.length = start + t
-        if not self.padded:
+        if not self.padded and (start == 0 or t == 1):
             return positions, None
         key_pos = torch.arange(self.length, device=mask.device)
         query_pos = torch.arange(start, self.length, device=mask.device)
@@ -209,7 +209,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Optional[KVCache] = None,
                 layer: int = 0, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """With ``cache`` (decoding): the new positions' keys and values go into it (after cache.append), and the
-        queries attend over everything cached, under ``mask`` (None: causal)."""
+        queries attend over everything cached, under ``mask`` (cache.append's; None: SDPA's causal rule)."""
         b, t, d = x.shape
         shape = (b, t, self.num_heads, self.head_dim)
         q = apply_rotary(self.q(x).view(shape).transpose(1, 2), cos, sin)
@@ -220,9 +220,6 @@ class Attention(nn.Module):
             cache.k[layer][:, :, end - t:end] = k
             cache.v[layer][:, :, end - t:end] = v
             k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
-            if mask is None and end > t and t > 1:  # new positions after cached ones: causal with an offset
-                key_pos, query_pos = torch.arange(end, device=x.device), torch.arange(end - t, end, device=x.device)
-                mask = key_pos[None, :] <= query_pos[:, None]
         if mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:  # no cache, a prefill from position 0, or one new token over the whole cache

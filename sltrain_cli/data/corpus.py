@@ -14,6 +14,7 @@ token rows, whatever the source:
                     (the training split shuffled with data.seed, its epoch set)
   keep(split, text) streaming: whether a document of the stream belongs to that split
   texts(examples)   the "text" of each example, a reading error turned into one line naming the file
+  split_texts(split, epoch)  streaming: the documents of that split in the run's order (the three above together)
 """
 from __future__ import annotations
 
@@ -52,6 +53,10 @@ class Corpus:
     def texts(self, examples: Iterable[dict]) -> Iterator[str]:
         for ex in examples:
             yield ex["text"]
+
+    def split_texts(self, split: str, epoch: int = 0) -> Iterator[str]:
+        """Streaming: the documents of ``split`` in the order the run reads them (train: shuffled for ``epoch``)."""
+        return (t for t in self.texts(self.stream(split, epoch)) if self.keep(split, t))
 
 
 def split_documents(docs: List[str], val_fraction: float, seed: int,

@@ -58,8 +58,7 @@ class StreamingTrainStream:
         lo, hi, n = self.rank * self.per_rank, (self.rank + 1) * self.per_rank, 0
         packing = self.cfg.packing
         while True:
-            texts = (t for t in self.corpus.texts(self.corpus.stream("train", epoch)) if self.corpus.keep("train", t))
-            texts, empty = itertools.islice(texts, skip, None), skip == 0
+            texts, empty = itertools.islice(self.corpus.split_texts("train", epoch), skip, None), skip == 0
             while chunk := list(itertools.islice(texts, CHUNK_DOCS)):
                 empty = False
                 marked = []
@@ -207,8 +206,7 @@ class StreamingTrainStream:
     def sample_tokens(self, max_tokens: int = STREAM_SAMPLE_TOKENS) -> torch.Tensor:
         """About max_tokens real tokens from the first STREAM_SAMPLE_DOCS documents of the training stream (the
         stream state is untouched)."""
-        texts = (t for t in self.corpus.texts(self.corpus.stream("train", 0)) if self.corpus.keep("train", t))
-        texts = itertools.islice(texts, STREAM_SAMPLE_DOCS)
+        texts = itertools.islice(self.corpus.split_texts("train"), STREAM_SAMPLE_DOCS)
         rows: List[Tuple[List[int], int]] = []
         total = 0
         for row in _stream_rows(texts, self.tokenizer, self.seq_len, self.cfg.packing):

@@ -131,8 +131,8 @@ def build_datasets(corpus: Union[Corpus, DataConfig], tokenizer: Tokenizer, *, r
         corpus = open_corpus(corpus)
     data_cfg = corpus.cfg
     if corpus.streaming:
-        val_texts = (t for t in corpus.texts(corpus.stream("validation")) if corpus.keep("validation", t))
-        val = ValSet(corpus.name, rows=_stream_rows(val_texts, tokenizer, data_cfg.seq_len, data_cfg.packing))
+        val = ValSet(corpus.name, rows=_stream_rows(corpus.split_texts("validation"), tokenizer, data_cfg.seq_len,
+                                                    data_cfg.packing))
         return StreamingTrainStream(corpus, tokenizer, rows_per_step=rows_per_step, rank=rank, world_size=world_size,
                                     num_workers=num_workers), val
     root = Path(cache_root).expanduser() if cache_root else default_cache_root()

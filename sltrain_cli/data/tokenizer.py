@@ -227,9 +227,7 @@ def build_tokenizer(corpus: Corpus, tok_cfg: TokenizerConfig, cache_root: Path) 
             tok.name = f"bpe{tok.vocab_size}-{corpus.name}"
             return tok
     if corpus.streaming:
-        texts = corpus.texts(corpus.stream("train"))
-        texts = itertools.islice((t for t in texts if corpus.keep("train", t)),
-                                 data_cfg.max_docs or C4_TRAIN_DOCS_FOR_BPE)
+        texts = itertools.islice(corpus.split_texts("train"), data_cfg.max_docs or C4_TRAIN_DOCS_FOR_BPE)
         bpe = _train_bpe(texts, tok_cfg.vocab_size)
     else:
         train_docs, _ = corpus.documents()

@@ -4,7 +4,7 @@ APOLLO-Mini is ``method=apollo method.rank=1 method.scale_type=tensor method.sca
 from dataclasses import dataclass
 
 from . import fields
-from .base import Method, linear_weights
+from .base import Method, linear_weights, require_32bit_moments
 
 
 @dataclass
@@ -33,9 +33,7 @@ class APOLLO(Method):
     def check_run(self, run_cfg) -> None:
         from ..errors import ConfigError
 
-        if run_cfg.optim.name.value != "adamw":
-            raise ConfigError("optim.name", f"method=apollo keeps 32-bit moments (its reference has no 8-bit form); "
-                                            f"use optim=adamw, got {run_cfg.optim.name.value}")
+        require_32bit_moments(self, run_cfg)
         if run_cfg.train.layerwise:
             raise ConfigError("train.layerwise", "method=apollo seeds each projection by the parameter's place in "
                                                  "one optimizer; layer-wise updates would change them (use false)")

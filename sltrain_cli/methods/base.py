@@ -109,6 +109,15 @@ def require_rank(method: Method, cfg) -> None:
         raise ConfigError("method.rank", f"must be >= 1 for method={method.name}, got {cfg.rank}")
 
 
+def require_32bit_moments(method: Method, run_cfg) -> None:
+    """optim.name=adamw only: the method's optimizer keeps 32-bit moments (its reference has no 8-bit form)."""
+    from ..errors import ConfigError
+
+    if run_cfg.optim.name.value != "adamw":
+        raise ConfigError("optim.name", f"method={method.name} keeps 32-bit moments (its reference has no 8-bit "
+                                        f"form); use optim=adamw, got {run_cfg.optim.name.value}")
+
+
 def linear_weights(method: Method, model, cfg) -> list:
     """Trainable 2-D weights of the nn.Linear modules whose attribute name is in ``target_modules``
     (``layers.0.attn.q`` -> ``q``), in module order: what GaLore and APOLLO project."""

@@ -1,6 +1,7 @@
 """method=fira: dense weights; GaLore's projected Adam plus the rest of the gradient at full rank, scaled by the
 projected update's norm ratio under a norm-growth limiter (core/fira.py has the optimizer). Its config and its
 projected group are GaLore's; ``method.scale`` is Fira's alpha."""
+from .base import require_32bit_moments
 from .galore import GaLore
 
 
@@ -9,11 +10,7 @@ class Fira(GaLore):
     state_scalars = 1  # the norm-growth limiter's last norm
 
     def check_run(self, run_cfg) -> None:
-        from ..errors import ConfigError
-
-        if run_cfg.optim.name.value != "adamw":
-            raise ConfigError("optim.name", f"method=fira keeps 32-bit moments (its reference has no 8-bit form); "
-                                            f"use optim=adamw, got {run_cfg.optim.name.value}")
+        require_32bit_moments(self, run_cfg)
 
     def projected_optimizer(self, groups, optim_cfg):
         from ..core.fira import FiraAdamW
