@@ -34,15 +34,18 @@ def _root(version: bool = typer.Option(False, "--version", callback=_print_versi
 
 
 def _user_errors(fn):
-    """User mistakes: one line on stderr, exit code 2, no traceback. A signal: exit 128 + its number. A full disk
-    anywhere: one line, exit 2 (what was written before stays whole: every write is atomic)."""
+    """User mistakes: one line on stderr, exit code 2, no traceback. A signal (SIGINT, SIGTERM, SIGUSR1): one line,
+    exit 128 + its number; every command drops its work at once (pretrain and sweep install their own handlers,
+    which save first). A full disk anywhere: one line, exit 2 (what was written before stays whole: every write is
+    atomic)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .signals import Interrupted
+        from .signals import Interrupted, StopSignal
 
         try:
-            return fn(*args, **kwargs)
+            with StopSignal():  # abort phase: a signal raises Interrupted here instead of killing the process
+                return fn(*args, **kwargs)
         except UserError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None

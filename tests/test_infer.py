@@ -153,3 +153,22 @@ def test_bench_infer_rows(tmp_path):
     assert full["weight_bytes"] == 4 * full["params"]  # fp32, no buffers
     assert sl["weight_bytes"] > 4 * sl["params"]  # + the support's int64 indices
     assert out.read_text().splitlines()[0].startswith("method,params,weight_bytes,peak_bytes")
+
+
+@pytest.mark.slow  # a bench-infer stopped by SIGTERM after a few seconds: ~8 s
+def test_a_signal_stops_an_inference_command_in_one_line():
+    """Commands without a save point of their own (bench-infer, generate, eval-ppl, export) drop their work at a
+    signal with one line and 128 + its number (before: SIGTERM killed them silently)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "sltrain_cli", "bench-infer", "--size", "130m", "--blocks", "2",
+                             "--rounds", "500", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(8)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, (proc.returncode, err[-2000:])
+    assert err.strip().splitlines()[-1] == "interrupted (SIGTERM)" and "Traceback" not in err, err
